@@ -1,0 +1,3 @@
+from mistral_t4.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""Our serving engine: ragged prefill, then a compiled one-token decode step for every slot.
+
+Generation has two phases with opposite costs:
+- *prefill* runs all prompt tokens at once: big matrix products, compute-bound. It runs
+  eagerly, padded to a multiple of `prefill_bucket` tokens.
+- *decode* makes one token per running request per step: every weight is read once per
+  step for only a few rows of work, so it is bound by memory bandwidth, and at small
+  sizes by the launch overhead of ~400 small kernels. It runs over all `max_batch` slots
+  with fixed shapes, so on CUDA it is compiled once (`torch.compile`, mode
+  "reduce-overhead") and replayed as a single CUDA graph each step.
+
+Slots are refilled as requests finish: a waiting request is prefilled into a free slot and
+joins the running batch at the next step (continuous batching), so a queue longer than the
+batch keeps the GPU busy. Tokens stay on the device between steps; the host reads one
+small tensor per step to stream tokens and see which requests have finished.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mistral_t4 import devices, sampling
+from mistral_t4.cache import CacheFullError, StaticKVCache, round_up
+from mistral_t4.model import FastMistral
+from mistral_t4.requests import Request, RequestError, encode_prompt, now, validate
+from mistral_t4.sequence import Sequence, eos_ids
+
+
+class Engine:
+    """Continuous-batching engine over a `FastMistral` and a `StaticKVCache`."""
+
+    name = "mistral_t4"
+
+    def __init__(self, model: FastMistral, tokenizer, max_batch: int = 32, max_len: int = 512,
+                 compile: bool | None = None, memory_cap_gib: float | None = None,
+                 prefill_bucket: int | None = None, max_prefill_tokens: int = 8192,
+                 generation_config=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.max_batch = max_batch
+        self.cache = StaticKVCache(model.config, max_batch, max_len, model.dtype, self.device, memory_cap_gib)
+        model.attach_cache(self.cache)
+        self.max_len = self.cache.max_len
+        self.adapters = list(model.adapters)
+        self.eos_ids = eos_ids(tokenizer, generation_config)
+        self.prefill_bucket = prefill_bucket or (128 if self.device.type == "cuda" else 16)
+        self.max_prefill_tokens = max(max_prefill_tokens, self.prefill_bucket)
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self.active: dict[int, Sequence] = {}  # slot -> sequence
+        self.compile_seconds = 0.0
+        self.stats = {"prefill_calls": 0, "prefill_tokens": 0, "prefill_padded_tokens": 0, "decode_steps": 0}
+        # Per-slot decode state, on the device. Idle slots decode token 0 at position 0.
+        batch, device = max_batch, self.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.adapter_ids = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.temperature = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(batch, dtype=torch.long, device=device)
+        self.top_p = torch.ones(batch, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=device)
+        self.running = torch.zeros(batch, dtype=torch.long, device=device)  # 1 where a slot is in use
+        self._step_greedy = self._maybe_compile(self._decode_greedy)
+        self._step_sample = self._maybe_compile(self._decode_sample)
+
+    # ---------------------------------------------------------------- requests
+
+    def prepare(self, request: Request, submitted_at: float | None = None) -> Sequence:
+        """Validate and tokenize (on the caller's thread); RequestError if anything is wrong."""
+        validate(request, self.adapters)
+        prompt_ids = encode_prompt(self.tokenizer, request.prompt)
+        try:
+            self.cache.check_fits(len(prompt_ids), request.max_new_tokens)
+        except CacheFullError as error:
+            raise RequestError(str(error)) from None
+        return Sequence(request, prompt_ids, self.tokenizer, self.eos_ids, submitted_at or now())
+
+    def free_slots(self) -> int:
+        return self.cache.slots.free_count
+
+    def compatible(self, a: Sequence, b: Sequence) -> bool:
+        """Any requests can share a batch: sampling settings and adapters are per row."""
+        return True
+
+    def admit(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
+        """Prefill `seqs` into free slots.
+
+        Returns (finished already, e.g. max_new_tokens=1; failed with their error). A prefill
+        that fails (e.g. out of memory) fails only its own group; running sequences go on.
+        """
+        if len(seqs) > self.free_slots():
+            raise CacheFullError(f"{len(seqs)} sequences for {self.free_slots()} free slots")
+        finished, failed = [], []
+        for group in self._prefill_groups(seqs):
+            try:
+                finished += self._prefill(group)
+            except Exception as error:  # noqa: BLE001 - reported to each request of the group
+                for seq in group:
+                    if seq.slot is not None and self.active.get(seq.slot) is seq:
+                        self._release(seq.slot)
+                failed += [(seq, error) for seq in group]
+        return finished, failed
+
+    def step(self) -> list[Sequence]:
+        """One decode step for every running sequence; returns the sequences that finished."""
+        if not self.active:
+            return []
+        if all(seq.request.sampling.greedy for seq in self.active.values()):
+            next_tokens = self._step_greedy(self.tokens, self.positions, self.adapter_ids)
+        else:
+            next_tokens = self._step_sample(self.tokens, self.positions, self.adapter_ids, self.temperature,
+                                            self.top_k, self.top_p, self.seeds)
+        # the step's outputs become the next step's inputs without leaving the device
+        self.tokens.copy_(next_tokens)
+        self.positions.add_(self.running)  # idle slots stay at position 0
+        self.stats["decode_steps"] += 1
+        host_tokens = next_tokens.tolist()  # the one sync per step: which tokens, who finished
+        at = now()
+        finished = []
+        for slot, seq in list(self.active.items()):
+            seq.append(host_tokens[slot], at)
+            if seq.done:
+                finished.append(self._release(slot))
+        return finished
+
+    def reset(self) -> list[Sequence]:
+        """Drop every running sequence (after a fault) and return them; the cache is reused as is."""
+        dropped = [self._release(slot) for slot in list(self.active)]
+        self.running.zero_()
+        self.positions.zero_()
+        self.tokens.zero_()
+        return dropped
+
+    # ---------------------------------------------------------------- warm-up
+
+    def warmup(self) -> float:
+        """Compile and capture the decode graphs outside any timed region; returns seconds spent."""
+        start = time.perf_counter()
+        for _ in range(3):  # reduce-overhead records on the 1st/2nd call and replays after
+            self._step_greedy(self.tokens, self.positions, self.adapter_ids)
+            self._step_sample(self.tokens, self.positions, self.adapter_ids, self.temperature, self.top_k,
+                              self.top_p, self.seeds)
+        devices.synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - start
+        self.tokens.zero_()
+        self.positions.zero_()
+        return self.compile_seconds
+
+    # ---------------------------------------------------------------- internals
+
+    def _decode_greedy(self, tokens, positions, adapter_ids):
+        return sampling.greedy(self.model.decode(tokens, positions, adapter_ids))
+
+    def _decode_sample(self, tokens, positions, adapter_ids, temperature, top_k, top_p, seeds):
+        logits = self.model.decode(tokens, positions, adapter_ids)
+        return sampling.sample(logits, temperature, top_k, top_p, seeds, positions + 1)
+
+    def _maybe_compile(self, fn):
+        if not self.compile:
+            return fn
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+
+    def _prefill_groups(self, seqs: list[Sequence]):
+        """Split into prefill batches of at most max_prefill_tokens padded tokens, similar lengths together."""
+        group, longest = [], 0
+        for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+            padded = round_up(max(longest, len(seq.prompt_ids)), self.prefill_bucket)
+            if group and padded * (len(group) + 1) > self.max_prefill_tokens:
+                yield group
+                group, longest = [], 0
+            group.append(seq)
+            longest = max(longest, len(seq.prompt_ids))
+        if group:
+            yield group
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[Sequence]) -> list[Sequence]:
+        lengths = [len(seq.prompt_ids) for seq in group]
+        padded = min(round_up(max(lengths), self.prefill_bucket), self.max_len)
+        rows = torch.zeros(len(group), padded, dtype=torch.long)
+        for row, seq in enumerate(group):
+            rows[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+        slots = [self.cache.slots.acquire(seq) for seq in group]
+        for seq, slot in zip(group, slots):
+            seq.slot = slot
+            self.active[slot] = seq
+        device = self.device
+        slot_t = torch.tensor(slots, device=device)
+        length_t = torch.tensor(lengths, device=device)
+        adapter_t = torch.tensor([self._adapter_index(seq) for seq in group], device=device)
+        params = [seq.request.sampling for seq in group]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        seeds = torch.tensor([p.seed for p in params], device=device)
+        logits = self.model.prefill(rows.to(device), length_t, slot_t, adapter_t)
+        if all(p.greedy for p in params):
+            first = sampling.greedy(logits)
+        else:
+            first = sampling.sample(logits, temperature, top_k, top_p, seeds, length_t)
+        # this group's slots join the decode batch
+        self.tokens[slot_t] = first
+        self.positions[slot_t] = length_t
+        self.adapter_ids[slot_t] = adapter_t
+        self.temperature[slot_t] = temperature
+        self.top_k[slot_t] = top_k
+        self.top_p[slot_t] = top_p
+        self.seeds[slot_t] = seeds
+        self.running[slot_t] = 1
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += sum(lengths)
+        self.stats["prefill_padded_tokens"] += padded * len(group)
+        at = now()
+        finished = []
+        for seq, token in zip(group, first.tolist()):
+            seq.append(token, at)
+            if seq.done:
+                finished.append(self._release(seq.slot))
+        return finished
+
+    def _adapter_index(self, seq: Sequence) -> int:
+        name = seq.request.adapter
+        return -1 if name is None else self.adapters.index(name)
+
+    def _release(self, slot: int) -> Sequence:
+        seq = self.active.pop(slot)
+        self.cache.slots.release(slot)
+        self.adapter_ids[slot] = -1
+        self.running[slot] = 0
+        self.positions[slot] = 0
+        return seq
+
+    def describe(self) -> dict:
+        return {
+            "engine": self.name,
+            "max_batch": self.max_batch,
+            "cache_len": self.max_len,
+            "cache_gib": round(self.cache.nbytes / devices.GIB, 3),
+            "compiled": self.compile,
+            "prefill_bucket": self.prefill_bucket,
+            "kernels": dict(self.model.kernel_choice),
+        }

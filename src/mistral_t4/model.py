@@ -1,0 +1,319 @@
+"""A lean Mistral forward pass over the weights of a loaded Hugging Face model.
+
+Mistral-7B is 32 identical blocks:  x -> x + Attention(RMSNorm(x)) -> x + MLP(RMSNorm(x)).
+Attention has 32 query heads but only 8 key/value heads (grouped-query attention): each
+K/V head serves a group of 4 query heads, so the KV cache is 4x smaller than the queries.
+Rotary embeddings turn position into a rotation of q and k; the MLP is SiLU(gate) * up -> down.
+
+What this file changes from Hugging Face's version, and why:
+- q/k/v are one fused projection, gate/up another: one pass over x and one kernel launch
+  instead of three (two); with NF4 the concatenated codes and scales stay exact.
+- Positions are explicit per row, so rows of one batch can be at different lengths.
+- Keys/values go to a static cache (`cache.py`) by index; decode attention reads each K/V
+  head once for its group of query heads (`kernels/attention.py`), never repeating K/V.
+- LoRA adapters stay unmerged: y = W x + s * B (A x), so NF4 base weights stay exact and
+  each row of a batch may use a different adapter (or none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_t4 import kernels
+from mistral_t4.kernels.attention import decode_attention, decode_attention_reference
+from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as Hugging Face computes it: statistics in fp32, gain in the model dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the last dim (halves layout, as HF). x: (..., head_dim); cos/sin broadcast."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class LoraPair:
+    """One adapter on one (possibly fused) projection: delta = B (A x), scale folded into B."""
+
+    a: torch.Tensor  # (rank, in_features)
+    b: torch.Tensor  # (out_features, rank)
+
+
+class FastLinear(nn.Module):
+    """y = x W^T with W dense or NF4, plus unmerged LoRA deltas selected per row."""
+
+    def __init__(self, weight: torch.Tensor | NF4Weight, loras: list[LoraPair | None], reference: bool):
+        super().__init__()
+        self.reference = reference
+        if isinstance(weight, NF4Weight):
+            self.nf4 = weight
+            for name, tensor in weight.tensors().items():
+                self.register_buffer(f"nf4_{name}", tensor, persistent=False)
+            self.out_features, self.in_features = weight.out_features, weight.in_features
+        else:
+            self.nf4 = None
+            self.register_buffer("weight", weight, persistent=False)
+            self.out_features, self.in_features = weight.shape
+        self.lora_index = []  # adapter index (into the model's adapter list) for each stored pair
+        for index, pair in enumerate(loras):
+            if pair is None:
+                continue
+            self.register_buffer(f"lora_a{index}", pair.a, persistent=False)
+            self.register_buffer(f"lora_b{index}", pair.b, persistent=False)
+            self.lora_index.append(index)
+
+    def forward(self, x: torch.Tensor, adapter_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if self.nf4 is None:
+            y = F.linear(x, self.weight)
+        elif self.reference:
+            y = nf4_linear_reference(x, self.nf4)
+        else:
+            y = nf4_linear(x, self.nf4)
+        for index in self.lora_index:
+            # adapter_masks[index]: (rows, 1[, 1]) with 1.0 where that row uses this adapter
+            low = F.linear(x, getattr(self, f"lora_a{index}")) * adapter_masks[index]
+            y = y + F.linear(low, getattr(self, f"lora_b{index}"))
+        return y
+
+
+class FastLayer(nn.Module):
+    def __init__(self, input_norm, qkv: FastLinear, o: FastLinear, post_norm, gate_up: FastLinear, down: FastLinear):
+        super().__init__()
+        self.register_buffer("input_norm", input_norm, persistent=False)
+        self.register_buffer("post_norm", post_norm, persistent=False)
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+
+
+class FastMistral(nn.Module):
+    """Mistral forward for prefill (ragged prompts) and decode (one token per slot) over a static cache."""
+
+    def __init__(self, config, embed: torch.Tensor, layers: list[FastLayer], norm: torch.Tensor,
+                 lm_head: torch.Tensor, adapters: list[str], kernel_choice: dict[str, str]):
+        super().__init__()
+        self.config = config
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self.adapters = adapters
+        self.kernel_choice = kernel_choice
+        self.register_buffer("embed", embed, persistent=False)
+        self.register_buffer("norm", norm, persistent=False)
+        self.register_buffer("lm_head", lm_head, persistent=False)
+        self.layers = nn.ModuleList(layers)
+        self.cache = None
+        self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
+        self.register_buffer("rope_sin", None, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    # ---------------------------------------------------------------- building
+
+    @classmethod
+    def from_hf(cls, hf_model, kernel_choice: dict[str, str] | None = None) -> "FastMistral":
+        """Take the weights of a HF `MistralForCausalLM` (or a peft model around one).
+
+        Weights that are not fused are shared with the HF model, not copied; q/k/v and
+        gate/up are concatenated once.
+        """
+        from mistral_t4.loading import base_model
+
+        hf = base_model(hf_model)
+        config = hf.config
+        if getattr(hf.config, "model_type", None) != "mistral":
+            raise ValueError(f"FastMistral needs a Mistral model, got model_type={config.model_type!r}")
+        device = hf.model.embed_tokens.weight.device
+        kernel_choice = kernel_choice or kernels.select_kernels(device)
+        reference = kernel_choice.get("nf4_linear") == "reference"
+        adapters = _adapter_names(hf_model)
+        layers = []
+        for block in hf.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(FastLayer(
+                block.input_layernorm.weight.data,
+                _fuse([attn.q_proj, attn.k_proj, attn.v_proj], adapters, reference, kernel_choice),
+                _fuse([attn.o_proj], adapters, reference, kernel_choice),
+                block.post_attention_layernorm.weight.data,
+                _fuse([mlp.gate_proj, mlp.up_proj], adapters, reference, kernel_choice),
+                _fuse([mlp.down_proj], adapters, reference, kernel_choice),
+            ))
+        lm_head = hf.lm_head.weight.data
+        return cls(config, hf.model.embed_tokens.weight.data, layers, hf.model.norm.weight.data, lm_head,
+                   adapters, kernel_choice)
+
+    def attach_cache(self, cache) -> None:
+        """Use `cache` for keys/values; precompute rotary tables for its length."""
+        self.cache = cache
+        inv_freq = 1.0 / (self.config.rope_parameters["rope_theta"]
+                          ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=self.device) / self.head_dim))
+        positions = torch.arange(cache.max_len, dtype=torch.float, device=self.device)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim), computed in fp32 as HF does
+        self.rope_cos = emb.cos().to(self.dtype)
+        self.rope_sin = emb.sin().to(self.dtype)
+
+    def adapter_masks(self, adapter_ids: torch.Tensor, extra_dims: int) -> list[torch.Tensor]:
+        """One (rows, 1, ...) float mask per adapter: 1 where that row uses it. adapter_ids: (rows,), -1 = none."""
+        shape = (-1,) + (1,) * extra_dims
+        return [(adapter_ids == i).to(self.dtype).view(shape) for i in range(len(self.adapters))]
+
+    # ---------------------------------------------------------------- forward
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
+                adapter_ids: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts, fill their cache slots, return logits of each last real token.
+
+        tokens: (n, T) right-padded; lengths: (n,) real lengths; slots: (n,) cache rows.
+        Padding sits after the real tokens, so causal attention never lets a real token see it;
+        what padding writes to the cache lies past the row's length and is overwritten later.
+        """
+        n, length = tokens.shape
+        x = F.embedding(tokens, self.embed)  # (n, T, hidden)
+        cos, sin = self.rope_cos[:length], self.rope_sin[:length]  # (T, head_dim)
+        masks = self.adapter_masks(adapter_ids, 2)
+        attn_mask = self._prefill_mask(length)
+        for index, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, self.eps)
+            q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (n, T, heads, head_dim)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, T, head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            self.cache.write_prefill(index, slots, k, v)
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True,
+                scale=self.head_dim**-0.5,
+            )  # (n, n_heads, T, head_dim)
+            x = x + layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks)
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps), masks)
+        last = x[torch.arange(n, device=x.device), lengths - 1]  # (n, hidden)
+        return self._logits(last)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+        """One token for every slot of the cache -> logits (max_batch, vocab).
+
+        tokens, positions: (max_batch,); positions[b] is where slot b's token goes. Idle slots
+        compute too (fixed shapes replay as one CUDA graph); their results are ignored.
+        """
+        batch = tokens.shape[0]
+        x = F.embedding(tokens, self.embed)  # (B, hidden)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
+        lengths = (positions + 1).to(torch.int32)
+        masks = self.adapter_masks(adapter_ids, 1)
+        attention = decode_attention_reference if self.kernel_choice.get("decode_attention") == "reference" \
+            else decode_attention
+        for index, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, self.eps)
+            q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (B, heads, head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            self.cache.write_decode(index, positions, k, v)
+            attn = attention(q, self.cache.k[index], self.cache.v[index], lengths,
+                             self.head_dim**-0.5, self.sliding_window)  # (B, n_heads, head_dim)
+            x = x + layer.o(attn.reshape(batch, -1), masks)
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps), masks)
+        return self._logits(x)
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        lead = qkv.shape[:-1]
+        return (q.reshape(*lead, self.n_heads, self.head_dim), k.reshape(*lead, self.n_kv_heads, self.head_dim),
+                v.reshape(*lead, self.n_kv_heads, self.head_dim))
+
+    def _mlp(self, layer: FastLayer, h: torch.Tensor, masks) -> torch.Tensor:
+        gate, up = layer.gate_up(h, masks).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up, masks)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+    def _prefill_mask(self, length: int) -> torch.Tensor | None:
+        """None (plain causal) unless the sliding window binds inside this prefill."""
+        window = self.sliding_window
+        if window is None or length <= window:
+            return None
+        i = torch.arange(length, device=self.device)
+        return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # (T, T) True = attend
+
+
+def _adapter_names(hf_model) -> list[str]:
+    config = getattr(hf_model, "peft_config", None)
+    return list(config) if config else []
+
+
+def _fuse(modules: list[nn.Module], adapters: list[str], reference: bool, kernel_choice) -> FastLinear:
+    """Concatenate the base weights of `modules` along outputs; LoRA as block-diagonal A/B per adapter."""
+    bases = [_base_layer(m) for m in modules]
+    for base in bases:
+        if getattr(base, "bias", None) is not None:
+            raise ValueError("Mistral projections have no bias; this checkpoint has one")
+    if all(isinstance(b, nn.Linear) and not _is_4bit(b) for b in bases):
+        weights = [b.weight.data for b in bases]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    elif all(_is_4bit(b) for b in bases):
+        parts = [NF4Weight.from_bnb(b.weight, backend=kernel_choice.get("nf4_linear", "reference")) for b in bases]
+        weight = parts[0] if len(parts) == 1 else NF4Weight.concat(parts)
+    else:
+        raise ValueError(f"unsupported mix of layer types: {[type(b).__name__ for b in bases]}")
+    outs = [b.out_features for b in bases]
+    in_features = bases[0].in_features
+    loras: list[LoraPair | None] = []
+    for name in adapters:
+        pieces = [_lora_of(m, name) for m in modules]
+        if all(p is None for p in pieces):
+            loras.append(None)
+            continue
+        ref = next(p for p in pieces if p is not None)[0]
+        dtype, device = ref.dtype, ref.device
+        ranks = [0 if p is None else p[0].shape[0] for p in pieces]
+        a = torch.zeros(sum(ranks), in_features, dtype=dtype, device=device)
+        b = torch.zeros(sum(outs), sum(ranks), dtype=dtype, device=device)
+        row, col = 0, 0
+        for piece, rank, out in zip(pieces, ranks, outs):
+            if piece is not None:
+                lora_a, lora_b, scale = piece
+                a[col:col + rank] = lora_a
+                b[row:row + out, col:col + rank] = lora_b * scale
+            row, col = row + out, col + rank
+        loras.append(LoraPair(a.to(_compute_dtype(bases[0], dtype)), b.to(_compute_dtype(bases[0], dtype))))
+    return FastLinear(weight, loras, reference)
+
+
+def _compute_dtype(base: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    if _is_4bit(base):
+        return getattr(base, "compute_dtype", None) or fallback
+    return base.weight.dtype
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def _lora_of(module: nn.Module, name: str):
+    """(A weight, B weight, scale) of adapter `name` on a peft LoRA layer, or None."""
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or name not in lora_a:
+        return None
+    if getattr(module, "use_dora", {}).get(name, False):
+        raise ValueError(f"adapter {name!r} uses DoRA, which the fast engine does not support")
+    return lora_a[name].weight.data, module.lora_B[name].weight.data, float(module.scaling[name])

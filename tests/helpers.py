@@ -1,0 +1,46 @@
+"""Small models and references shared by the tests (not fixtures: plain functions)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_config(**overrides):
+    from transformers import MistralConfig
+
+    values = dict(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+        sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    values.update(overrides)
+    return MistralConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A float32 tiny Mistral with random weights large enough that greedy choices are not near-ties."""
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(tiny_config(**overrides)).eval()
+    return model
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Reference: HF generate on one prompt alone (no padding), greedy, exactly `new_tokens` tokens."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids], device=device), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long,
+                                                                                  device=device),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            temperature=None, top_p=None, top_k=None,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def ragged_prompts(n: int, vocab: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for length in lengths]

@@ -1,0 +1,175 @@
+"""Our engine against Hugging Face generate on CPU in float32: same greedy tokens, ragged batches included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import hf_greedy, ragged_prompts, tiny_model
+from mistral_t4.cache import CacheFullError, StaticKVCache
+from mistral_t4.engine import Engine
+from mistral_t4.model import FastMistral
+from mistral_t4.requests import Request, RequestError
+from mistral_t4.sampling import SamplingParams
+from mistral_t4.worker import Worker
+
+
+def run_engine(engine: Engine, prompts, new_tokens, **request_kwargs) -> list[list[int]]:
+    """Admit everything that fits, step until all finish; returns tokens per prompt in order."""
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=new_tokens, ignore_eos=True, **request_kwargs))
+            for p in prompts]
+    pending = list(seqs)
+    while pending or engine.active:
+        free = engine.free_slots()
+        if pending and free:
+            batch, pending = pending[:free], pending[free:]
+            _, failed = engine.admit(batch)
+            assert not failed, failed
+        engine.step()
+    return [seq.tokens for seq in seqs]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mistral_t4.models import mistral_tokenizer
+
+    return mistral_tokenizer()
+
+
+def test_greedy_matches_hf_generate_on_ragged_batch(tokenizer):
+    hf = tiny_model(seed=1)
+    prompts = ragged_prompts(9, hf.config.vocab_size, seed=2)
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=9, max_len=64, compile=False)
+    assert run_engine(engine, prompts, 12) == expected
+
+
+def test_slot_refill_gives_same_tokens_as_alone(tokenizer):
+    hf = tiny_model(seed=3)
+    prompts = ragged_prompts(20, hf.config.vocab_size, seed=4)
+    expected = [hf_greedy(hf, p, 6 + i % 5) for i, p in enumerate(prompts)]
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=4, max_len=64, compile=False)
+    with Worker(engine) as worker:
+        futures = [worker.submit(p, max_new_tokens=6 + i % 5, ignore_eos=True) for i, p in enumerate(prompts)]
+        got = [f.result(timeout=120).tokens for f in futures]
+    assert got == expected
+    assert engine.free_slots() == 4
+
+
+def test_sliding_window_matches_hf(tokenizer):
+    hf = tiny_model(seed=5, sliding_window=8)
+    hf.config._attn_implementation = "eager"  # HF applies the window mask in its eager path
+    prompts = ragged_prompts(3, hf.config.vocab_size, seed=6, low=10, high=20)
+    expected = [hf_greedy(hf, p, 10) for p in prompts]
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=3, max_len=64, compile=False)
+    assert run_engine(engine, prompts, 10) == expected
+
+
+def test_prefill_logits_match_hf_forward(tokenizer):
+    hf = tiny_model(seed=7)
+    fast = FastMistral.from_hf(hf)
+    engine = Engine(fast, tokenizer, max_batch=2, max_len=64, compile=False)
+    prompts = ragged_prompts(2, hf.config.vocab_size, seed=8)
+    tokens = torch.zeros(2, 48, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts])
+    got = fast.prefill(tokens, lengths, torch.tensor([0, 1]), torch.tensor([-1, -1]))
+    for i, p in enumerate(prompts):
+        ref = hf(torch.tensor([p])).logits[0, -1].float()
+        assert torch.allclose(got[i], ref, atol=1e-4, rtol=1e-4)
+    assert engine.cache.k.abs().sum() > 0
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tokenizer):
+    hf = tiny_model(seed=9)
+    prompts = ragged_prompts(4, hf.config.vocab_size, seed=10)
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=4, max_len=64, compile=False)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=123)
+    first = run_engine(engine, prompts, 10, sampling=sampled)
+    again = run_engine(engine, prompts, 10, sampling=sampled)
+    other = run_engine(engine, prompts, 10, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=124))
+    assert first == again
+    assert first != other
+    greedy = run_engine(engine, prompts, 10)
+    top1 = run_engine(engine, prompts, 10, sampling=SamplingParams(temperature=0.7, top_k=1, seed=5))
+    assert top1 == greedy
+    assert first != greedy  # temperature 1 over a spread distribution does leave the argmax path
+
+
+def test_request_longer_than_cache_is_refused(tokenizer):
+    hf = tiny_model(seed=11)
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=2, max_len=128, compile=False)
+    with pytest.raises(RequestError, match="exceeds the cache length 128"):
+        engine.prepare(Request(prompt=list(range(3, 103)), max_new_tokens=40))
+    engine.prepare(Request(prompt=list(range(3, 103)), max_new_tokens=28))  # exactly fits
+
+
+def test_cache_writes_land_at_their_positions():
+    config = tiny_model().config
+    cache = StaticKVCache(config, max_batch=3, max_len=10, dtype=torch.float32, device=torch.device("cpu"))
+    assert cache.max_len == 128  # rounded up to a multiple of 128
+    k = torch.randn(2, 2, 5, 16)
+    cache.write_prefill(1, torch.tensor([2, 0]), k, -k)
+    assert torch.equal(cache.k[1, 2, :, :5], k[0]) and torch.equal(cache.k[1, 0, :, :5], k[1])
+    assert torch.equal(cache.v[1, 2, :, :5], -k[0])
+    assert cache.k[0].abs().sum() == 0 and cache.k[1, 1].abs().sum() == 0
+    new = torch.randn(3, 2, 16)
+    cache.write_decode(0, torch.tensor([7, 0, 3]), new, new * 2)
+    assert torch.equal(cache.k[0, 0, :, 7], new[0]) and torch.equal(cache.k[0, 2, :, 3], new[2])
+    assert torch.equal(cache.v[0, 1, :, 0], new[1] * 2)
+    written = (cache.k[0].abs().sum(-1) > 0).nonzero().tolist()
+    assert sorted(written) == sorted([[0, h, 7] for h in range(2)] + [[1, h, 0] for h in range(2)]
+                                     + [[2, h, 3] for h in range(2)])
+    with pytest.raises(CacheFullError):
+        cache.check_fits(100, 29)
+
+
+def test_cache_refuses_what_does_not_fit_in_memory(monkeypatch):
+    from mistral_t4 import devices
+
+    config = tiny_model().config
+    monkeypatch.setattr(devices, "memory_budget_bytes", lambda device, cap=None: 1000)
+    with pytest.raises(MemoryError, match=r"needs .* GiB, only .* GiB is free"):
+        StaticKVCache(config, max_batch=4, max_len=256, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def make_adapter(hf, path, seed: int, targets=("q_proj", "v_proj", "down_proj")):
+    """A small random LoRA adapter saved with peft (B is not zero, so it changes the output)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    peft_model = get_peft_model(hf, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.3)
+    peft_model.save_pretrained(path)
+    return peft_model.unload()
+
+
+def test_lora_adapters_match_peft_per_row(tokenizer, tmp_path):
+    from mistral_t4.loading import attach_adapters
+
+    base = tiny_model(seed=12)
+    plain_prompts = ragged_prompts(6, base.config.vocab_size, seed=13)
+    plain = [hf_greedy(base, p, 8) for p in plain_prompts]
+    make_adapter(tiny_model(seed=12), tmp_path / "a", seed=1)
+    make_adapter(tiny_model(seed=12), tmp_path / "b", seed=2, targets=("k_proj", "gate_proj", "o_proj"))
+    model = attach_adapters(tiny_model(seed=12), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    expected = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        expected[name] = [hf_greedy(model, p, 8) for p in plain_prompts]
+    assert expected["a"] != plain and expected["b"] != plain and expected["a"] != expected["b"]
+    engine = Engine(FastMistral.from_hf(model), tokenizer, max_batch=6, max_len=64, compile=False)
+    assert engine.adapters == ["a", "b"]
+    # one batch, rows on adapter a, adapter b and none, interleaved
+    choice = ["a", "b", None, "b", None, "a"]
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=8, ignore_eos=True, adapter=c))
+            for p, c in zip(plain_prompts, choice)]
+    engine.admit(seqs)
+    while engine.active:
+        engine.step()
+    for i, (seq, c) in enumerate(zip(seqs, choice)):
+        assert seq.tokens == (plain[i] if c is None else expected[c][i]), (i, c)
