@@ -102,6 +102,7 @@ def _bench(args) -> int:
 def _chat(args) -> int:
     from mistral_t4 import loading
     from mistral_t4.chat import ChatSession, ChatSettings, run_terminal
+    from mistral_t4.engine import make_engine
     from mistral_t4.worker import Worker
 
     print("loading...", file=sys.stderr, flush=True)
@@ -115,18 +116,3 @@ def _chat(args) -> int:
                             adapter=args.adapter, system=args.system)
     with Worker(engine) as worker:
         return run_terminal(ChatSession(worker, settings))
-
-
-def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compile: bool | None = None,
-                memory_cap_gib: float | None = None):
-    """Our engine ("mistral_t4") or the HF baseline ("hf") over a loaded model."""
-    from mistral_t4.engine import Engine
-    from mistral_t4.hf_engine import HFEngine
-    from mistral_t4.loading import base_model
-    from mistral_t4.model import FastMistral
-
-    if name == "hf":
-        return HFEngine(model, tokenizer, max_batch=max_batch, max_len=max_len)
-    max_len = min(max_len, base_model(model).config.max_position_embeddings)
-    return Engine(FastMistral.from_hf(model), tokenizer, max_batch=max_batch, max_len=max_len, compile=compile,
-                  memory_cap_gib=memory_cap_gib, generation_config=base_model(model).generation_config)

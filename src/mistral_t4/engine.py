@@ -160,6 +160,10 @@ class Engine:
     def _maybe_compile(self, fn):
         if not self.compile:
             return fn
+        # Weights and cache never move: tell the compiler, so the CUDA graph reads them in
+        # place instead of copying them into graph-owned inputs on every replay.
+        for buffer in self.model.buffers():
+            torch._dynamo.mark_static_address(buffer)
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
 
     def _prefill_groups(self, seqs: list[Sequence]):
@@ -242,3 +246,16 @@ class Engine:
             "prefill_bucket": self.prefill_bucket,
             "kernels": dict(self.model.kernel_choice),
         }
+
+
+def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compile: bool | None = None,
+                memory_cap_gib: float | None = None):
+    """Our engine ("mistral_t4") or the HF baseline ("hf") over a loaded model."""
+    from mistral_t4.hf_engine import HFEngine
+    from mistral_t4.loading import base_model
+
+    if name == "hf":
+        return HFEngine(model, tokenizer, max_batch=max_batch, max_len=max_len)
+    max_len = min(max_len, base_model(model).config.max_position_embeddings)
+    return Engine(FastMistral.from_hf(model), tokenizer, max_batch=max_batch, max_len=max_len, compile=compile,
+                  memory_cap_gib=memory_cap_gib, generation_config=base_model(model).generation_config)

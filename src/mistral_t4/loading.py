@@ -52,7 +52,10 @@ def load(
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(source.path)
-    check_fits(estimate_weight_bytes(config, quant), device, memory_cap_gib, what=f"{spec} in {quant}")
+    hint = "" if quant == "nf4" else \
+        f"quant='nf4' would need {estimate_weight_bytes(config, 'nf4', dtype) / devices.GIB:.2f} GiB"
+    check_fits(estimate_weight_bytes(config, quant, dtype), device, memory_cap_gib, what=f"{spec} in {quant}",
+               hint=hint)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -74,7 +77,7 @@ def _from_pretrained(source, quant, dtype, device):
     if quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
     try:
-        return MistralForCausalLM.from_pretrained(source.path, **kwargs)
+        model, info = MistralForCausalLM.from_pretrained(source.path, output_loading_info=True, **kwargs)
     except OSError as error:
         raise LoadError(
             f"could not read the weights of {source.spec!r} ({source.path}): {error}. Only safetensors "
@@ -82,7 +85,18 @@ def _from_pretrained(source, quant, dtype, device):
             "`MistralForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
         ) from error
     except Exception as error:  # truncated/corrupted shards surface as many exception types
-        raise LoadError(f"could not load {source.spec!r} ({source.path}): {type(error).__name__}: {error}") from error
+        raise LoadError(
+            f"could not load {source.spec!r} ({source.path}): {type(error).__name__}: {error}. A weight file "
+            "may be truncated or corrupted: download or convert the checkpoint again."
+        ) from error
+    # from_pretrained fills weights missing from the files with random values and only logs it
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise LoadError(
+            f"{source.spec!r} ({source.path}) lacks {len(missing)} weight(s), e.g. {missing[:3]}: the checkpoint "
+            "is incomplete (a shard missing or cut short?); download or convert it again."
+        )
+    return model
 
 
 def nf4_config(compute_dtype: torch.dtype):
@@ -209,14 +223,15 @@ def base_model(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def estimate_weight_bytes(config, quant: str) -> int:
-    """Bytes the weights take in `quant`: NF4 linears at 4 bits + scales, embeddings/lm_head/norms in 16/32 bits."""
+def estimate_weight_bytes(config, quant: str, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes the weights take in `quant`: NF4 linears at 4 bits + scales; the rest (embeddings,
+    lm_head, norms) in `dtype` (the compute dtype: fp16 on GPU, fp32 on CPU; fp32 for quant fp32)."""
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     linear = layers * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter)
     other = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + (2 * layers + 1) * hidden
-    wide = 4 if quant == "fp32" else 2
+    wide = 4 if quant == "fp32" else torch.empty((), dtype=dtype).element_size()
     if quant == "nf4":
         # 4 bits per weight + double-quantized scales (~8 bits per 64 weights + fp32 per 256 blocks)
         return math.ceil(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * wide
@@ -228,12 +243,12 @@ def footprint_bytes(model) -> int:
     return int(base_model(model).get_memory_footprint())
 
 
-def check_fits(needed: int, device: torch.device, cap_gib: float | None, what: str) -> None:
-    """Refuse, with the numbers, before allocating something that will not fit the GPU or the cap."""
+def check_fits(needed: int, device: torch.device, cap_gib: float | None, what: str, hint: str = "") -> None:
+    """Refuse, with the numbers (and `hint`: what would fit), before allocating what will not fit the GPU or the cap."""
     budget = devices.memory_budget_bytes(device, cap_gib)
     if budget is not None and needed > budget:
         limit = f"the {cap_gib} GiB cap" if cap_gib is not None else "free GPU memory"
         raise MemoryError(
             f"{what} needs {needed / devices.GIB:.2f} GiB but only {budget / devices.GIB:.2f} GiB is left "
-            f"under {limit} on {device}"
+            f"under {limit} on {device}" + (f"; {hint}" if hint else "")
         )

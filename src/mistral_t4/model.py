@@ -17,6 +17,7 @@ What this file changes from Hugging Face's version, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,10 @@ class FastLinear(nn.Module):
         self.reference = reference
         if isinstance(weight, NF4Weight):
             self.nf4 = weight
-            for name, tensor in weight.tensors().items():
-                self.register_buffer(f"nf4_{name}", tensor, persistent=False)
+            for spec in dataclasses.fields(weight):  # registered so .buffers() sees them (memory, static marks)
+                value = getattr(weight, spec.name)
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(f"nf4_{spec.name}", value, persistent=False)
             self.out_features, self.in_features = weight.out_features, weight.in_features
         else:
             self.nf4 = None

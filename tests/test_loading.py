@@ -1,0 +1,121 @@
+"""Loading in NF4 / fp32 on CPU, LoRA adapters through peft, memory estimates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from mistral_t4 import loading
+
+
+def test_nf4_load_on_cpu_quantizes_every_projection(tiny_random_path):
+    import bitsandbytes as bnb
+
+    model, tokenizer = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4) == 2 * 7  # q k v o gate up down in each of 2 layers
+    assert all(m.weight.quant_state.nested for m in linear4)  # double quantization
+    assert linear4[0].weight.quant_state.quant_type == "nf4"
+    assert linear4[0].compute_dtype == torch.float32  # CPU computes in fp32
+    fp32, _ = loading.load(str(tiny_random_path), quant="fp32", device="cpu")
+    ids = tokenizer("Hello there, how are you?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = model(ids).logits, fp32(ids).logits
+    assert torch.isfinite(a).all()
+    rel = (a - b).norm() / b.norm()
+    assert 0 < rel < 0.2, rel  # quantized, so not equal, but close
+    linear_fp32 = sum(m.weight.nbytes for m in fp32.modules()
+                      if isinstance(m, torch.nn.Linear) and m is not fp32.lm_head)
+    saved = loading.footprint_bytes(fp32) - loading.footprint_bytes(model)
+    assert saved > 0.8 * linear_fp32, (saved, linear_fp32)  # 4 bits + scales instead of 32 bits
+
+
+def test_weight_estimate_matches_loaded_footprint(tiny_random_path):
+    for quant in ("fp32", "nf4"):
+        model, _ = loading.load(str(tiny_random_path), quant=quant, device="cpu")
+        estimate = loading.estimate_weight_bytes(model.config, quant, torch.float32)
+        actual = loading.footprint_bytes(model)
+        assert abs(estimate - actual) / actual < 0.05, (quant, estimate, actual)
+
+
+def test_7b_estimates_fit_a_t4():
+    from mistral_t4.models import mistral_7b_config
+
+    config = mistral_7b_config()
+    nf4 = loading.estimate_weight_bytes(config, "nf4") / 2**30
+    fp16 = loading.estimate_weight_bytes(config, "fp16") / 2**30
+    assert 3.6 < nf4 < 4.2 and 13.2 < fp16 < 13.8, (nf4, fp16)
+
+
+def test_random_model_has_requested_shape_and_quant():
+    import bitsandbytes as bnb
+
+    from helpers import tiny_config
+
+    config = tiny_config()
+    model = loading.random_model(config, "fp32", torch.float32, torch.device("cpu"), seed=3)
+    again = loading.random_model(config, "fp32", torch.float32, torch.device("cpu"), seed=3)
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, again.model.layers[1].mlp.down_proj.weight)
+    assert not any(p.is_meta for p in model.parameters())
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.isfinite(model(ids).logits).all()
+    quantized = loading.random_model(config, "nf4", torch.float32, torch.device("cpu"), seed=3)
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not isinstance(quantized.lm_head, bnb.nn.Linear4bit)  # lm_head stays dense, as from_pretrained does
+    assert torch.isfinite(quantized(ids).logits).all()
+
+
+def test_lora_adapter_changes_output_and_matches_peft(tmp_path, tiny_random_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import MistralForCausalLM
+
+    base = MistralForCausalLM.from_pretrained(tiny_random_path, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    model, tokenizer = loading.load(str(tiny_random_path), quant="fp32", device="cpu",
+                                    lora=[f"mine={tmp_path / 'adapter'}"])
+    assert list(model.peft_config) == ["mine"]
+    plain, _ = loading.load(str(tiny_random_path), quant="fp32", device="cpu")
+    reference = PeftModel.from_pretrained(
+        MistralForCausalLM.from_pretrained(tiny_random_path, dtype=torch.float32), tmp_path / "adapter")
+    ids = tokenizer("The adapter should matter.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours, base_out, ref = model(ids).logits, plain(ids).logits, reference(ids).logits
+    assert not torch.allclose(ours, base_out, atol=1e-3)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_adapter_errors_are_clear(tmp_path, tiny_random_path):
+    model = tiny_model()
+    with pytest.raises(loading.LoadError, match="is not a directory"):
+        loading.attach_adapters(model, str(tmp_path / "missing"))
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(loading.LoadError, match="pickle"):
+        loading.attach_adapters(model, str(tmp_path / "pickled"))
+    with pytest.raises(loading.LoadError, match="given twice"):
+        loading.parse_lora(["a=x", "a=y"])
+    assert loading.parse_lora(["a=/x", "b=/y"]) == {"a": "/x", "b": "/y"}
+    assert loading.parse_lora("/some/dir") == {"default": "/some/dir"}
+
+
+def test_bad_quant_and_fp16_on_cpu_are_refused(tiny_random_path):
+    with pytest.raises(loading.LoadError, match="quant must be one of"):
+        loading.load(str(tiny_random_path), quant="int3", device="cpu")
+    with pytest.raises(loading.LoadError, match="fp16 needs a GPU"):
+        loading.load(str(tiny_random_path), quant="fp16", device="cpu")
+
+
+def test_memory_check_refuses_with_numbers(monkeypatch):
+    from mistral_t4 import devices
+
+    monkeypatch.setattr(devices, "memory_budget_bytes", lambda device, cap=None: 2 * 2**30)
+    with pytest.raises(MemoryError, match=r"needs 13\.\d\d GiB but only 2\.00 GiB"):
+        loading.check_fits(int(13.5 * 2**30), torch.device("cpu"), None, "random-7b in fp16")
