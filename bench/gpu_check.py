@@ -113,15 +113,18 @@ def main() -> None:
         hf = loading.base_model(model)
         prompts = [p[:n] for p, n in zip(make_prompts(tokenizer, 4, 128), (128, 77, 100, 33))]
         entry = {}
-        for label, force in (("fast", False), ("reference", True)):
-            choice = kernels.select_kernels(device, force_reference=force)
+        variants = [("fast", kernels.select_kernels(device)), ("reference", kernels.select_kernels(device, True))]
+        if quant == "nf4":  # the kernels a T4 (sm75) gets, run here to check that path is correct
+            variants.append(("t4_path", {"nf4_linear": "bnb", "decode_attention": "triton"}))
+        for label, choice in variants:
+            force = label == "reference"
             fast = FastMistral.from_hf(model, choice)
             engine = Engine(fast, tokenizer, max_batch=4, max_len=256, compile=not force)
             compile_s = engine.warmup()
             item = {"kernels": choice, "compile_s": round(compile_s, 1),
                     "teacher_forced": teacher_forced(hf, fast, engine, prompts[0], args.steps),
                     "greedy_steps_equal_hf": greedy_agreement(hf, engine, prompts, args.steps)}
-            if not force:
+            if label == "fast":
                 item["graph"] = graph_evidence(engine)
             entry[label] = item
             print(quant, label, json.dumps(item), flush=True)

@@ -62,6 +62,9 @@ class Engine:
         self.top_p = torch.ones(batch, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(batch, dtype=torch.long, device=device)
         self.running = torch.zeros(batch, dtype=torch.long, device=device)  # 1 where a slot is in use
+        self._in_flight = None  # (host tokens, event, [(slot, sequence)]) of the step not yet read
+        pin = device.type == "cuda"
+        self._host_tokens = [torch.zeros(batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._step_greedy = self._maybe_compile(self._decode_greedy)
         self._step_sample = self._maybe_compile(self._decode_sample)
 
@@ -104,7 +107,13 @@ class Engine:
         return finished, failed
 
     def step(self) -> list[Sequence]:
-        """One decode step for every running sequence; returns the sequences that finished."""
+        """One decode step for every running sequence; returns the sequences that finished.
+
+        Pipelined by one step: this call launches step t+1 on the device and only then reads
+        step t's tokens (copied to pinned host memory behind an event), so the host's
+        bookkeeping overlaps the GPU's work instead of leaving it idle. A request that ended
+        at step t got one extra token computed at t+1, which is dropped.
+        """
         if not self.active:
             return []
         if all(seq.request.sampling.greedy for seq in self.active.values()):
@@ -116,11 +125,33 @@ class Engine:
         self.tokens.copy_(next_tokens)
         self.positions.add_(self.running)  # idle slots stay at position 0
         self.stats["decode_steps"] += 1
-        host_tokens = next_tokens.tolist()  # the one sync per step: which tokens, who finished
+        launched = self._snapshot(next_tokens)
+        previous, self._in_flight = self._in_flight, launched
+        return self._collect(previous) if previous is not None else []
+
+    def _snapshot(self, next_tokens: torch.Tensor) -> tuple:
+        """Start copying a step's tokens to the host; remember which sequence each slot held."""
+        if self.device.type == "cuda":
+            host = self._host_tokens[self.stats["decode_steps"] % 2]
+            host.copy_(next_tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = next_tokens.clone(), None
+        return host, event, list(self.active.items())
+
+    def _collect(self, in_flight: tuple) -> list[Sequence]:
+        """Hand a finished step's tokens to their sequences; release the ones that are done."""
+        host, event, holders = in_flight
+        if event is not None:
+            event.synchronize()  # waits for that step only, not for the one launched after it
+        tokens = host.tolist()
         at = now()
         finished = []
-        for slot, seq in list(self.active.items()):
-            seq.append(host_tokens[slot], at)
+        for slot, seq in holders:
+            if self.active.get(slot) is not seq:
+                continue  # finished in an earlier step; this token is the extra one
+            seq.append(tokens[slot], at)
             if seq.done:
                 finished.append(self._release(slot))
         return finished
@@ -128,6 +159,7 @@ class Engine:
     def reset(self) -> list[Sequence]:
         """Drop every running sequence (after a fault) and return them; the cache is reused as is."""
         dropped = [self._release(slot) for slot in list(self.active)]
+        self._in_flight = None
         self.running.zero_()
         self.positions.zero_()
         self.tokens.zero_()

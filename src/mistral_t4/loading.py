@@ -82,7 +82,7 @@ def _from_pretrained(source, quant, dtype, device):
         raise LoadError(
             f"could not read the weights of {source.spec!r} ({source.path}): {error}. Only safetensors "
             "checkpoints are loaded; convert a pickle one with "
-            "`MistralForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`."
+            "`MistralForCausalLM.from_pretrained(dir).save_pretrained(new_dir)` (transformers 5 writes safetensors)."
         ) from error
     except Exception as error:  # truncated/corrupted shards surface as many exception types
         raise LoadError(
