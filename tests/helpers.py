@@ -28,13 +28,13 @@ def tiny_model(seed: int = 0, **overrides):
 
 
 def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    """Reference: HF generate on one prompt alone (no padding), greedy, exactly `new_tokens` tokens."""
+    """Reference: HF generate on one prompt alone (no padding), greedy, up to `new_tokens` tokens or EOS."""
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids], device=device), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long,
                                                                                   device=device),
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
             temperature=None, top_p=None, top_k=None,
         )
     return out[0, len(prompt_ids):].tolist()

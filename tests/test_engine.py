@@ -16,7 +16,7 @@ from mistral_t4.worker import Worker
 
 def run_engine(engine: Engine, prompts, new_tokens, **request_kwargs) -> list[list[int]]:
     """Admit everything that fits, step until all finish; returns tokens per prompt in order."""
-    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=new_tokens, ignore_eos=True, **request_kwargs))
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=new_tokens, **request_kwargs))
             for p in prompts]
     pending = list(seqs)
     while pending or engine.active:
@@ -50,7 +50,7 @@ def test_slot_refill_gives_same_tokens_as_alone(tokenizer):
     expected = [hf_greedy(hf, p, 6 + i % 5) for i, p in enumerate(prompts)]
     engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=4, max_len=64, compile=False)
     with Worker(engine) as worker:
-        futures = [worker.submit(p, max_new_tokens=6 + i % 5, ignore_eos=True) for i, p in enumerate(prompts)]
+        futures = [worker.submit(p, max_new_tokens=6 + i % 5) for i, p in enumerate(prompts)]
         got = [f.result(timeout=120).tokens for f in futures]
     assert got == expected
     assert engine.free_slots() == 4
@@ -166,10 +166,29 @@ def test_lora_adapters_match_peft_per_row(tokenizer, tmp_path):
     assert engine.adapters == ["a", "b"]
     # one batch, rows on adapter a, adapter b and none, interleaved
     choice = ["a", "b", None, "b", None, "a"]
-    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=8, ignore_eos=True, adapter=c))
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=8, adapter=c))
             for p, c in zip(plain_prompts, choice)]
     engine.admit(seqs)
     while engine.active:
         engine.step()
     for i, (seq, c) in enumerate(zip(seqs, choice)):
         assert seq.tokens == (plain[i] if c is None else expected[c][i]), (i, c)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "nf4"])
+@pytest.mark.parametrize("spec", ["tiny-random", "smollm2-mistral"])
+def test_greedy_matches_hf_on_builtin_models(spec, quant, model_cache, monkeypatch):
+    """The checkpoints as loaded by `loading.load` (NF4 through bitsandbytes on CPU): same tokens as HF."""
+    from mistral_t4 import loading
+    from mistral_t4.engine import make_engine
+
+    monkeypatch.setenv("MISTRAL_T4_CACHE", str(model_cache))
+    model, tokenizer = loading.load(spec, quant=quant, device="cpu")
+    texts = ["What is the capital of France?", "Tell me a story about a dragon", "2 + 2 =", "Hi",
+             "List three colours:", "The quick brown fox jumps over the lazy dog because",
+             "Explain photosynthesis to a child in one sentence.", "Bonjour, comment"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) >= 6  # ragged
+    expected = [hf_greedy(model, p, 10) for p in prompts]
+    engine = make_engine("mistral_t4", model, tokenizer, max_batch=8, max_len=128, compile=False)
+    assert run_engine(engine, prompts, 10) == expected

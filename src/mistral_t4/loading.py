@@ -64,6 +64,8 @@ def load(
     else:
         model = _from_pretrained(source, quant, dtype, device)
     model.eval()
+    if quant == "nf4" and device.type == "cpu":
+        exact_cpu_nf4(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora:
         model = attach_adapters(model, lora)
@@ -97,6 +99,19 @@ def _from_pretrained(source, quant, dtype, device):
             "is incomplete (a shard missing or cut short?); download or convert it again."
         )
     return model
+
+
+def exact_cpu_nf4(model) -> None:
+    """Keep bitsandbytes' CPU NF4 matmul in the compute dtype (fp32).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights on the first forward and
+    multiplies in bfloat16: faster, but then the "fp32" reference is not fp32 and greedy
+    tokens drift from any exact implementation. The plain path dequantizes and multiplies
+    in the configured compute dtype.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def nf4_config(compute_dtype: torch.dtype):
