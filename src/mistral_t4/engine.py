@@ -65,8 +65,7 @@ class Engine:
         self._in_flight = None  # (host tokens, event, [(slot, sequence)]) of the step not yet read
         pin = device.type == "cuda"
         self._host_tokens = [torch.zeros(batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._step_greedy = self._maybe_compile(self._decode_greedy)
-        self._step_sample = self._maybe_compile(self._decode_sample)
+        self._decode_logits = self._maybe_compile(self.model.decode)
 
     # ---------------------------------------------------------------- requests
 
@@ -171,7 +170,6 @@ class Engine:
         """Compile and capture the decode graphs outside any timed region; returns seconds spent."""
         start = time.perf_counter()
         for _ in range(3):  # reduce-overhead records on the 1st/2nd call and replays after
-            self._step_greedy(self.tokens, self.positions, self.adapter_ids)
             self._step_sample(self.tokens, self.positions, self.adapter_ids, self.temperature, self.top_k,
                               self.top_p, self.seeds)
         devices.synchronize(self.device)
@@ -182,11 +180,14 @@ class Engine:
 
     # ---------------------------------------------------------------- internals
 
-    def _decode_greedy(self, tokens, positions, adapter_ids):
-        return sampling.greedy(self.model.decode(tokens, positions, adapter_ids))
+    def _step_greedy(self, tokens, positions, adapter_ids):
+        return sampling.greedy(self._decode_logits(tokens, positions, adapter_ids))
 
-    def _decode_sample(self, tokens, positions, adapter_ids, temperature, top_k, top_p, seeds):
-        logits = self.model.decode(tokens, positions, adapter_ids)
+    def _step_sample(self, tokens, positions, adapter_ids, temperature, top_k, top_p, seeds):
+        # Token choice runs eagerly after the compiled forward (one graph, compiled once):
+        # inductor (torch 2.11) fails to generate code for top-p's cumulative sum over the
+        # vocabulary, and a few extra kernels cost little next to the forward.
+        logits = self._decode_logits(tokens, positions, adapter_ids)
         return sampling.sample(logits, temperature, top_k, top_p, seeds, positions + 1)
 
     def _maybe_compile(self, fn):
