@@ -1,0 +1,384 @@
+"""Correctness and speed of the kernels on a GPU: `python bench/gpu_kernels.py [--sweep] [--smoke]`.
+
+NF4 linear, for every Mistral-7B projection shape and M in {1, 32, 128, 4096} rows:
+relative error ||out - ref|| / ||ref|| against an fp32 reference (dequantize + fp32
+matmul), GPU time, and achieved GB/s against the bytes the kernel must move (NF4 data +
+scales + x + out). Beside it: bitsandbytes' kernel (the sm75 backend), dequantize +
+cuBLAS, and fp16 cuBLAS on a dense weight (4x the bytes: the baseline to beat).
+Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions.
+A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
+Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
+one CUDA graph and matches eager; split-K gives bit-identical results call after call.
+
+Timing: each call is replayed from a CUDA graph (no Python launch overhead, as in the
+engine's compiled decode step) after reading a 256 MB buffer, so weights come from DRAM
+as they do in a decode step (4 GB of weights through a 50 MB L2); the time of the flush
+alone is subtracted.
+
+--sweep times a grid of tile configurations per decode shape (to tune the defaults).
+--smoke runs tiny shapes (on CPU under TRITON_INTERPRET=1, to check this script).
+Prints tables; the last line of stdout is one JSON document, also written to
+$OUT/gpu_kernels.json when OUT is set.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import statistics
+import time
+import traceback
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+import triton
+
+from mistral_t4.kernels import NF4Weight, decode_attention, decode_attention_reference, nf4_linear
+from mistral_t4.kernels import attention_triton, multiprocessor_count, nf4_triton
+
+# (name, in_features, out_features) of Mistral-7B's projections, fused ones included.
+MISTRAL_SHAPES = [
+    ("q/o 4096->4096", 4096, 4096),
+    ("k/v 4096->1024", 4096, 1024),
+    ("qkv 4096->6144", 4096, 6144),
+    ("gate/up 4096->14336", 4096, 14336),
+    ("gate_up 4096->28672", 4096, 28672),
+    ("down 14336->4096", 14336, 4096),
+]
+SMOKE_SHAPES = [("smoke 256->96", 256, 96), ("smoke 320->40", 320, 40)]
+DECODE_SHAPES = ["qkv 4096->6144", "q/o 4096->4096", "gate_up 4096->28672", "down 14336->4096"]
+
+
+def timer(device):
+    """GPU milliseconds of one fn() call, weights cold in L2; wall clock on CPU (smoke runs)."""
+    if device.type != "cuda":
+
+        def wall(fn):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+        return wall
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
+    scratch = torch.empty((), device=device)
+
+    def graph_ms(fn, calls):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                torch.sum(flush, 0, out=scratch)  # reads evict the L2 without leaving dirty lines
+                if fn is not None:
+                    fn()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def gpu_ms(fn, calls=20):
+        fn()  # compile and warm up outside the graph
+        torch.cuda.synchronize()
+        return (graph_ms(fn, calls) - graph_ms(None, calls)) / calls
+
+    return gpu_ms
+
+
+def rel_error(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def random_param(in_features, out_features, device):
+    """A bitsandbytes NF4 weight (double quantization) of random fp16 values."""
+    w = torch.randn(out_features, in_features, dtype=torch.float16) * 0.02
+    return bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4").to(device)
+
+
+def fmt(r):
+    if "error" in r:
+        return f"ERROR {r['error'][:80]}"
+    return f"{r['ms'] * 1e3:8.1f} us {r['gbps']:6.0f} GB/s" + (f" err {r['rel_err']:.1e}" if "rel_err" in r else "")
+
+
+def bench_nf4(shapes, rows, device, dtype, time_ms):
+    results = []
+    for name, k, n in shapes:
+        param = random_param(k, n, device)
+        w = NF4Weight.from_bnb(param, backend="triton")
+        w_bnb = NF4Weight.from_bnb(param, backend="bnb")
+        w_fp32 = w.dequantize(torch.float32)
+        w_dense = w.dequantize(dtype)
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = x.float() @ w_fp32.T
+            io_bytes = x.nbytes + m * n * x.element_size()
+            row = dict(shape=name, m=m, n=n, k=k)
+            def dequant_cublas():
+                return F.linear(x, nf4_triton.nf4_dequantize(w.packed, w.absmax, w.code, 64, dtype))
+
+            candidates = {
+                "triton": (lambda: nf4_linear(x, w), w.nbytes),
+                "bnb": (lambda: nf4_linear(x, w_bnb), w.nbytes),
+                "dequant+cublas": (dequant_cublas, w.nbytes),
+                "fp16 cublas": (lambda: F.linear(x, w_dense), w_dense.nbytes),
+            }
+            for label, (fn, weight_bytes) in candidates.items():
+                if device.type != "cuda" and label in ("bnb", "fp16 cublas"):
+                    continue
+                try:
+                    err = rel_error(fn(), ref)
+                    ms = time_ms(fn)
+                    row[label] = dict(ms=ms, gbps=(weight_bytes + io_bytes) / ms / 1e6, rel_err=err)
+                except Exception as e:  # keep going: one failure must not hide the other numbers
+                    row[label] = dict(error=f"{type(e).__name__}: {e}")
+            results.append(row)
+            labels = [lb for lb in candidates if lb in row]
+            print(f"{name:<22} M={m:<5}" + "".join(f" | {lb}: {fmt(row[lb])}" for lb in labels), flush=True)
+    return results
+
+
+def sweep_configs(m, n, k, sm_count):
+    """Configurations around matmul_config's choice: tile shape, warps, split-K x0.5/x1/x2."""
+    default = nf4_triton.matmul_config(m, n, k, 64, sm_count)
+    for block_n in (64, 128):
+        for block_k in (128, 256):
+            for num_warps in (4, 8):
+                for split_k in sorted({max(1, default["SPLIT_K"] // 2), default["SPLIT_K"], default["SPLIT_K"] * 2}):
+                    yield {**default, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": num_warps}
+
+
+def _compile_one(args):
+    """Run one configuration once on small tensors (same specialization), filling Triton's disk cache."""
+    m, config = args
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    param = random_param(1024, 512, "cuda")
+    w = NF4Weight.from_bnb(param, backend="triton")
+    try:
+        nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, config=config)
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:
+        return f"{config}: {type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(jobs):
+    """Compile sweep configurations in parallel processes (compiling dominates a sweep)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=12, mp_context=context) as pool:
+        errors = [e for e in pool.map(_compile_one, jobs) if e]
+    first = f": {errors[0]}" if errors else ""
+    print(f"precompiled {len(jobs)} configurations, {len(errors)} failed{first}", flush=True)
+
+
+def sweep_nf4(shapes, rows, device, dtype, time_ms, deadline):
+    """Time a grid of configurations per shape and M (until `deadline`); print the best few."""
+    sm_count = multiprocessor_count(device)
+    if device.type == "cuda":
+        jobs = {
+            (m, tuple(sorted(c.items()))) for _, k, n in shapes for m in rows for c in sweep_configs(m, n, k, sm_count)
+        }
+        precompile([(m, dict(c)) for m, c in sorted(jobs)])
+    results = []
+    for name, k, n in shapes:
+        w = NF4Weight.from_bnb(random_param(k, n, device), backend="triton")
+        w_fp32 = w.dequantize(torch.float32)
+        for m in rows:
+            if time.monotonic() > deadline:
+                print(f"sweep: out of time before {name} M={m}", flush=True)
+                return results
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = x.float() @ w_fp32.T
+            bytes_moved = w.nbytes + x.nbytes + m * n * x.element_size()
+            timings = []
+            for config in sweep_configs(m, n, k, sm_count):
+                fn = lambda: nf4_triton.nf4_matmul(  # noqa: E731
+                    x, w.packed, w.absmax, w.lookup_table(dtype), w.tile_counters, 64, config=config
+                )
+                try:
+                    err = rel_error(fn(), ref)
+                    ms = time_ms(fn)
+                    timings.append(dict(config=config, ms=ms, gbps=bytes_moved / ms / 1e6, rel_err=err))
+                except Exception as e:
+                    timings.append(dict(config=config, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            ok = sorted((t for t in timings if "ms" in t), key=lambda t: t["ms"])
+            default = nf4_triton.matmul_config(m, n, k, 64, sm_count)
+            default_t = [t for t in ok if all(t["config"][key] == default[key] for key in t["config"])]
+            default_ms = fmt(default_t[0]) if default_t else "not in grid"
+            print(f"sweep {name} M={m}: default {default} -> {default_ms}", flush=True)
+            for t in ok[:4]:
+                c = t["config"]
+                tile = f"BN={c['BLOCK_N']:<3} BK={c['BLOCK_K']:<3} SK={c['SPLIT_K']:<2} warps={c['num_warps']}"
+                print(f"    {tile}: {fmt(t)}", flush=True)
+            failed = [t for t in timings if "error" in t]
+            if failed:
+                print(f"    {len(failed)} configs failed, first: {failed[0]['error']}", flush=True)
+            results.append(dict(shape=name, m=m, default=default, timings=timings))
+    return results
+
+
+def bench_decode_step(device, dtype, time_ms, layers=8):
+    """The NF4 matmuls of `layers` decoder layers (fused projections) in one graph, per backend."""
+    shapes = {name: (k, n) for name, k, n in MISTRAL_SHAPES if name in DECODE_SHAPES}
+    params = [[random_param(k, n, device) for k, n in shapes.values()] for _ in range(layers)]
+    results = []
+    for backend in ("triton", "bnb", "fp16 cublas"):
+        if backend == "fp16 cublas":
+            weights = [[NF4Weight.from_bnb(p, backend="reference").dequantize(dtype) for p in layer] for layer in params]
+            nbytes = sum(w.nbytes for layer in weights for w in layer)
+        else:
+            weights = [[NF4Weight.from_bnb(p, backend=backend) for p in layer] for layer in params]
+            nbytes = sum(w.nbytes for layer in weights for w in layer)
+        for m in (1, 32, 64):
+            xs = {k: torch.randn(m, k, device=device, dtype=dtype) for k, _ in shapes.values()}
+
+            def step():
+                for layer in weights:
+                    for (k, _), w in zip(shapes.values(), layer):
+                        F.linear(xs[k], w) if backend == "fp16 cublas" else nf4_linear(xs[k], w)
+
+            try:
+                ms = time_ms(step, calls=3)
+                r = dict(backend=backend, m=m, layers=layers, gb=nbytes / 1e9, ms=ms, gbps=nbytes / ms / 1e6)
+            except Exception as e:
+                r = dict(backend=backend, m=m, error=f"{type(e).__name__}: {e}")
+            results.append(r)
+            print(f"decode step NF4 matmuls, {layers} layers, {backend:<11} M={m:<3}: {fmt(r)}", flush=True)
+        del weights
+    return results
+
+
+def bench_attention(device, dtype, time_ms, smoke, sweep):
+    n_heads, n_kv_heads, head_dim = (8, 2, 32) if smoke else (32, 8, 128)
+    cases = [(2, 64), (3, 160)] if smoke else [(b, L) for b in (1, 32, 64) for L in (256, 4096)]
+    configs = [dict(block_len=64, num_warps=4, num_stages=3)]
+    if sweep:
+        configs = [
+            dict(block_len=bl, num_warps=nw, num_stages=ns) for bl in (32, 64, 128) for nw in (4, 8) for ns in (2, 3, 4)
+        ]
+    results = []
+    for batch, cache_len in cases:
+        q = torch.randn(batch, n_heads, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, n_kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        lengths = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+        lengths[0] = cache_len - 5  # a ragged row
+        scale = head_dim**-0.5
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), lengths, scale)
+        bytes_moved = 2 * k.nbytes + 2 * q.nbytes
+        row = dict(batch=batch, cache_len=cache_len)
+        candidates = {"triton": lambda: decode_attention(q, k, v, lengths, scale)}
+        candidates["reference"] = lambda: decode_attention_reference(q, k, v, lengths, scale)
+        for label, fn in candidates.items():
+            try:
+                err = rel_error(fn(), ref)
+                ms = time_ms(fn)
+                row[label] = dict(ms=ms, gbps=bytes_moved / ms / 1e6, rel_err=err)
+            except Exception as e:
+                row[label] = dict(error=f"{type(e).__name__}: {e}")
+        if sweep:
+            timings = []
+            for c in configs:
+                fn = lambda: attention_triton.decode_attention(q, k, v, lengths, scale, **c)  # noqa: E731
+                try:
+                    ms = time_ms(fn)
+                    timings.append(dict(config=c, ms=ms, gbps=bytes_moved / ms / 1e6))
+                except Exception as e:
+                    timings.append(dict(config=c, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            row["sweep"] = timings
+            best = sorted((t for t in timings if "ms" in t), key=lambda t: t["ms"])[:3]
+            row["sweep_best"] = [f"{t['config']}: {fmt(t)}" for t in best]
+        results.append(row)
+        cells = f"triton: {fmt(row['triton'])} | reference: {fmt(row['reference'])}"
+        print(f"attention batch={batch:<3} cache={cache_len:<5} | {cells}", flush=True)
+        for line in row.get("sweep_best", []):
+            print(f"    {line}", flush=True)
+    return results
+
+
+def check_compile_and_determinism(device, dtype):
+    """One CUDA graph for nf4_linear + decode_attention, equal to eager; split-K repeatable."""
+    w = NF4Weight.from_bnb(random_param(4096, 4096, device), backend="triton")
+    x = torch.randn(32, 4096, device=device, dtype=dtype)
+    q = torch.randn(32, 32, 128, device=device, dtype=dtype)
+    k = torch.randn(32, 8, 512, 128, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    lengths = torch.randint(1, 512, (32,), dtype=torch.int32, device=device)
+    for t in (w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters, k, v):
+        torch._dynamo.mark_static_address(t)
+
+    def step(x, q, lengths):
+        return nf4_linear(x, w), decode_attention(q, k, v, lengths, 128**-0.5, 64)
+
+    eager = step(x, q, lengths)
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(x, q, lengths)
+    same = [torch.equal(a, b) for a, b in zip(out, eager)]
+
+    config = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=3)
+    first = nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, config=config)
+    repeats = [
+        nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, config=config) for _ in range(200)
+    ]
+    identical = all(torch.equal(first, r) for r in repeats)
+    counters_zero = int(w.tile_counters.abs().sum()) == 0
+    result = dict(compiled_equals_eager=same, split_k_bit_identical_200_calls=identical, counters_zero=counters_zero)
+    print(f"compile + determinism: {result}", flush=True)
+    return result
+
+
+def save(report):
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_kernels.json"), "w") as f:
+            json.dump(report, f, default=str)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time grids of kernel configurations")
+    parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16
+    time_ms = timer(device)
+    report = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        sm_count=multiprocessor_count(device),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        bitsandbytes=bnb.__version__,
+    )
+    print(json.dumps(report), flush=True)
+    shapes = SMOKE_SHAPES if args.smoke else MISTRAL_SHAPES
+    sweep_shapes = SMOKE_SHAPES if args.smoke else [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]
+    deadline = time.monotonic() + args.sweep_seconds
+    sections = {
+        "nf4": lambda: bench_nf4(shapes, [1, 7, 32] if args.smoke else [1, 32, 64, 128, 4096], device, dtype, time_ms),
+        "attention": lambda: bench_attention(device, dtype, time_ms, args.smoke, args.sweep and device.type == "cuda"),
+    }
+    if device.type == "cuda":
+        sections["decode_step"] = lambda: bench_decode_step(device, dtype, time_ms)
+        sections["compile"] = lambda: check_compile_and_determinism(device, dtype)
+    if args.sweep:
+        rows = [7] if args.smoke else [1, 32, 64]
+        sections["sweep"] = lambda: sweep_nf4(sweep_shapes, rows, device, dtype, time_ms, deadline)
+    for name, run in sections.items():
+        start = time.monotonic()
+        try:
+            report[name] = run()
+        except Exception:
+            traceback.print_exc()
+            report[name] = dict(error=traceback.format_exc(limit=3))
+        print(f"[{name}: {time.monotonic() - start:.0f} s]", flush=True)
+        save(report)
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()

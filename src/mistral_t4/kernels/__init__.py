@@ -1,0 +1,74 @@
+"""Kernels of the decode step, each beside its plain-PyTorch reference.
+
+    nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (Triton kernels: nf4_triton.py)
+    attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py)
+
+Which implementation runs is decided once, at load, from the device (`select_kernels`):
+    CPU                          references
+    sm75 (T4)                    references' cuBLAS matmuls for attention, bitsandbytes' fused
+                                 4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
+                                 tensor cores and no asynchronous copies to pipeline loads
+                                 (both kernels compile there, untested on a T4)
+    sm80+ (A100, L4, H100, H200) Triton for both
+    MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug.
+`nf4_linear` follows the backend stored in its NF4Weight; for attention, call
+`decode_attention` when the choice is "triton" and `decode_attention_reference` otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .attention import decode_attention, decode_attention_reference
+from .nf4 import NF4Weight, nf4_linear, nf4_linear_reference
+
+__all__ = [
+    "NF4Weight",
+    "decode_attention",
+    "decode_attention_reference",
+    "describe",
+    "nf4_linear",
+    "nf4_linear_reference",
+    "select_kernels",
+]
+
+REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
+
+_DESCRIPTIONS = {
+    ("nf4_linear", "triton"): "Triton NF4 GEMM, dequantized in registers",
+    ("nf4_linear", "bnb"): "bitsandbytes gemm_4bit",
+    ("nf4_linear", "reference"): "dequantize + F.linear",
+    ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only",
+    ("decode_attention", "reference"): "PyTorch matmul + softmax over the whole cache",
+}
+
+
+def select_kernels(device, force_reference: bool | None = None) -> dict[str, str]:
+    """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}."""
+    device = torch.device(device)
+    if force_reference is None:
+        force_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
+    if force_reference or device.type != "cuda":
+        return {"nf4_linear": "reference", "decode_attention": "reference"}
+    has_triton = importlib.util.find_spec("triton") is not None
+    if torch.cuda.get_device_capability(device) >= (8, 0) and has_triton:
+        return {"nf4_linear": "triton", "decode_attention": "triton"}
+    return {"nf4_linear": "bnb", "decode_attention": "reference"}
+
+
+def describe(choice: dict[str, str]) -> str:
+    """One line for the load log, e.g. 'kernels: nf4_linear=triton (...), decode_attention=...'."""
+    parts = [f"{name}={backend} ({_DESCRIPTIONS[name, backend]})" for name, backend in choice.items()]
+    return "kernels: " + ", ".join(parts)
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere): how many programs it takes to fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,220 @@
+"""Triton decode attention over a static KV cache (reference and shapes: `attention.py`).
+
+One program per (row, KV head, split). It loads the `group` query heads that share the KV
+head once, then streams that head's valid cache positions in tiles of BLOCK_L:
+
+    scores = q @ k_tile.T            (GROUP_PAD, BLOCK_L)
+    online softmax: running max m, running sum l, rescale acc by exp(m_old - m_new)
+    acc    = acc + p @ v_tile        (GROUP_PAD, head_dim)
+
+Both products are `tl.dot`s on q padded with zero rows to GROUP_PAD >= 16 (Mistral's group
+is 4): the wasted multiplies are free next to the bytes moved, and loads that feed tl.dot
+are the ones Triton software-pipelines, which keeps enough cache reads in flight.
+
+Flash-decoding: with few rows (batch 1: 8 programs for 100+ SMs) each program would stream
+the whole sequence alone. Then the sequence is cut into NUM_SPLITS chunks, each program
+writes its unnormalized acc with its m and l, and a second small kernel merges the chunks:
+    out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,   M = max_s m_s.
+The split count depends only on shapes (static under CUDA graphs), never on `lengths`.
+A program whose chunk lies beyond its row's length, or before its sliding window, loops zero
+times and writes empty statistics (m = -inf, l = 0), which the merge weighs by 0.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import multiprocessor_count
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr,  # (batch, n_heads, HEAD_DIM)
+    k_ptr,  # (max_batch, n_kv_heads, max_len, HEAD_DIM)
+    v_ptr,
+    lengths_ptr,  # (batch,) int32
+    out_ptr,  # (batch, n_heads, HEAD_DIM), written if NUM_SPLITS == 1
+    split_acc_ptr,  # (batch, n_heads, NUM_SPLITS, HEAD_DIM) fp32, written if NUM_SPLITS > 1
+    split_max_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
+    split_sum_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
+    scale_log2e,  # softmax scale * log2(e): exp(x) = exp2(x * log2(e))
+    window,  # attend to positions >= length - window (max_len when there is no window)
+    chunk_len,  # positions per split, a multiple of BLOCK_L
+    n_heads,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lengths_ptr + row)
+    begin = tl.maximum(length - window, 0)
+    lo = tl.maximum(begin, split * chunk_len)
+    hi = tl.minimum(length, (split + 1) * chunk_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_l = tl.arange(0, BLOCK_L)
+    heads = kv_head * GROUP + offs_g
+    mask_g = offs_g < GROUP
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+
+    k_rows = k_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
+    v_rows = v_ptr + row.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
+    running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_L):
+        positions = start + offs_l
+        valid = positions < hi
+        k = tl.load(k_rows + positions[:, None] * stride_kl, mask=valid[:, None], other=0.0)  # (BLOCK_L, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (GROUP_PAD, BLOCK_L)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))  # finite: positions[0] is valid
+        rescale = tl.exp2(running_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(p, axis=1)
+        v = tl.load(v_rows + positions[:, None] * stride_vl, mask=valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]  # no positions: acc is 0
+        out_ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
+        slots = (row * n_heads + heads) * NUM_SPLITS + split  # (GROUP_PAD,)
+        tl.store(split_acc_ptr + slots[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(split_max_ptr + slots, running_max, mask=mask_g)
+        tl.store(split_sum_ptr + slots, running_sum, mask=mask_g)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    split_acc_ptr,  # (batch, n_heads, NUM_SPLITS, HEAD_DIM) fp32
+    split_max_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
+    split_sum_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
+    out_ptr,  # (batch, n_heads, HEAD_DIM)
+    n_heads,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < NUM_SPLITS
+    slots = (row * n_heads + head) * NUM_SPLITS + offs_s
+    split_max = tl.load(split_max_ptr + slots, mask=mask_s, other=float("-inf"))
+    split_sum = tl.load(split_sum_ptr + slots, mask=mask_s, other=0.0)
+    split_acc = tl.load(split_acc_ptr + slots[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    top = tl.max(split_max, axis=0)
+    top = tl.where(top > float("-inf"), top, 0.0)  # every split empty: all weights exp2(-inf) = 0
+    weight = tl.exp2(split_max - top)  # (SPLITS_PAD,)
+    total = tl.sum(weight * split_sum, axis=0)
+    acc = tl.sum(weight[:, None] * split_acc, axis=0)  # (HEAD_DIM,)
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def default_num_splits(programs: int, max_len: int, sm_count: int) -> int:
+    """Enough splits for two programs per SM, but no chunk shorter than 256 positions."""
+    return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(max_len, 256)))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_len: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """q (batch, n_heads, head_dim) -> (batch, n_heads, head_dim); see `attention.py`."""
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    assert n_heads == group * n_kv_heads and batch <= k_cache.shape[0]
+    assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    if num_splits is None:
+        num_splits = default_num_splits(batch * n_kv_heads, max_len, multiprocessor_count(q.device))
+    chunk_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_len) * block_len
+    if out is None:
+        out = q.new_empty(q.shape)
+    if num_splits > 1:
+        split_acc = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        split_max = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+        split_sum = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        split_acc = split_max = split_sum = out  # not touched
+    _decode_attention_kernel[(batch, n_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        out,
+        split_acc,
+        split_max,
+        split_sum,
+        scale * math.log2(math.e),
+        sliding_window if sliding_window is not None else max_len,
+        chunk_len,
+        n_heads,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_L=block_len,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(batch, n_heads)](
+            split_acc,
+            split_max,
+            split_sum,
+            out,
+            n_heads,
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+        )
+    return out

@@ -1,0 +1,220 @@
+"""NF4 weights and the NF4 linear layer: y = x @ W.T with W stored in 4 bits.
+
+NF4 ("NormalFloat 4", from QLoRA) stores each weight as a 4-bit index into a fixed table
+of 16 values (quantiles of a normal distribution, in [-1, 1]), plus one fp32 scale per
+block of 64 consecutive weights of a row (the block's absolute maximum, "absmax"):
+
+    W[n, k] = code[q[n, k]] * absmax[n, k // 64]
+
+That is 4 + 32/64 = 4.5 bits per weight instead of 16. Double quantization (bitsandbytes'
+`compress_statistics`) stores absmax itself in 8 bits; we decode it once, at load, back
+to fp32: it saves only 3% of the bytes and would cost a second table lookup per block.
+
+Decode is bandwidth-bound: at batch 32 each weight is read once per step and used for 32
+multiply-adds, far below what the tensor cores could do with it. So the fast kernel must
+read the 4-bit data, not a dequantized fp16 copy (4x the bytes), and turn it into fp16 in
+registers right before the matrix multiply. Prefill (thousands of rows) is compute-bound
+instead, and there dequantizing to fp16 once and calling cuBLAS is the better deal.
+
+Layout: bitsandbytes' own indexing, for every backend.
+    packed: (out_features, in_features // 2) uint8. Byte j of row n holds W[n, 2j] in its
+            high nibble and W[n, 2j + 1] in its low nibble.
+    absmax: (out_features, in_features // blocksize) fp32.
+A block never straddles two rows because in_features is a multiple of the blocksize
+(true for every Mistral projection), so concatenating weights along out_features (fused
+q/k/v, fused gate/up) is concatenating rows.
+Memory order: row-major (bitsandbytes' buffer itself, shared, no copy) for "bnb" and
+"reference". For "triton" both tensors are stored column-major, a transposed copy made
+once at load: the kernel's weight tile is (64+ output rows) x (a few blocks of K), and
+column-major makes each of its K positions one contiguous run of rows, the order the
+tensor-core operand is built in (row-major costs a shared-memory transpose of every tile).
+
+Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.backend`):
+    "triton"    sm80+: `nf4_triton.nf4_matmul` (dequantize in registers + tensor cores) for
+                small batches, `nf4_triton.nf4_dequantize` + cuBLAS for large ones.
+    "bnb"       sm75 (T4): bitsandbytes' fused 4-bit GEMM, `torch.ops.bitsandbytes.gemm_4bit`.
+                Triton's `tl.dot` has no tensor cores on sm75; bitsandbytes' kernel does.
+    "reference" CPU, or when forced: dequantize + F.linear, plain PyTorch.
+The CUDA paths are `torch.library` custom ops with fake implementations, so
+`torch.compile(fullgraph=True, mode="reduce-overhead")` captures them in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+
+# Above this many rows dequantize-once + cuBLAS catches up with the fused kernel (H200:
+# fused 0-20% faster at 64 rows, about even at 128).
+FUSED_MAX_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    """A (out_features, in_features) weight in NF4, ready for `nf4_linear`."""
+
+    packed: torch.Tensor  # (out_features, in_features // 2) uint8, two 4-bit indices per byte
+    absmax: torch.Tensor  # (out_features, in_features // blocksize) fp32, one scale per block
+    code: torch.Tensor  # (16,) fp32, the NF4 table
+    code_fp16: torch.Tensor  # (16,) fp16, the same table for the fp16 kernel (looked up per weight)
+    tile_counters: torch.Tensor  # (cdiv(out_features, 16),) int32, zero between calls: split-K bookkeeping
+    blocksize: int
+    backend: str = "reference"
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul must read: the 4-bit data and the scales."""
+        return self.packed.nbytes + self.absmax.nbytes
+
+    @classmethod
+    def from_bnb(cls, param, backend: str | None = None) -> NF4Weight:
+        """From the `.weight` (a `Params4bit`) of a `bnb.nn.Linear4bit`; "bnb"/"reference" share its data."""
+        state = param.quant_state
+        assert state is not None, "the Params4bit is not quantized yet (move it to a device first)"
+        assert state.quant_type == "nf4", f"expected NF4 weights, got {state.quant_type}"
+        out_features, in_features = state.shape
+        assert in_features % state.blocksize == 0, (
+            f"in_features={in_features} is not a multiple of the blocksize {state.blocksize}"
+        )
+        if getattr(state, "packing_format_for_cpu", False):
+            packed, absmax = _undo_cpu_packing(param.data, state)
+        else:
+            packed = param.data.view(torch.uint8).view(out_features, in_features // 2)
+            absmax = state.absmax
+            if state.nested:  # double quantization: 8-bit absmax, decoded exactly as bitsandbytes does
+                absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            absmax = absmax.float().view(out_features, in_features // state.blocksize)
+        if backend is None:
+            from . import select_kernels
+
+            backend = select_kernels(packed.device)["nf4_linear"]
+        packed, absmax = _arrange(packed, backend), _arrange(absmax, backend)
+        code = state.code.float().to(packed.device)
+        counters = _tile_counters(out_features, packed.device)
+        return cls(packed, absmax, code, code.half(), counters, state.blocksize, backend)
+
+    @classmethod
+    def concat(cls, weights: list[NF4Weight]) -> NF4Weight:
+        """Stack weights along out_features: one GEMM for q/k/v (or gate/up) instead of three."""
+        first = weights[0]
+        for w in weights[1:]:
+            assert w.in_features == first.in_features, "concat needs equal in_features"
+            assert w.blocksize == first.blocksize and w.backend == first.backend
+            assert torch.equal(w.code, first.code), "concat needs the same 4-bit code table"
+        packed = _arrange(torch.cat([w.packed for w in weights]), first.backend)
+        absmax = _arrange(torch.cat([w.absmax for w in weights]), first.backend)
+        counters = _tile_counters(packed.shape[0], packed.device)
+        return dataclasses.replace(first, packed=packed, absmax=absmax, tile_counters=counters)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out_features, in_features) tensor, equal to bitsandbytes' `dequantize_4bit`."""
+        # A byte indexes the 256 possible (high nibble, low nibble) pairs of table values.
+        pairs = torch.stack(torch.meshgrid(self.code, self.code, indexing="ij"), dim=-1).view(256, 2)
+        values = pairs[self.packed.long()]  # (out, in // 2, 2): W / absmax, in row order
+        blocks = values.reshape(self.out_features, -1, self.blocksize)  # (out, in // blocksize, blocksize)
+        w = blocks * self.absmax[:, :, None]  # fp32, as bitsandbytes computes it
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def to(self, device) -> NF4Weight:
+        return dataclasses.replace(
+            self,
+            packed=self.packed.to(device),
+            absmax=self.absmax.to(device),
+            code=self.code.to(device),
+            code_fp16=self.code_fp16.to(device),
+            tile_counters=self.tile_counters.to(device),
+        )
+
+    def lookup_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """The NF4 table in the kernel's compute dtype (a conversion per call would be a kernel launch)."""
+        if dtype == torch.float16:
+            return self.code_fp16
+        return self.code.to(dtype)
+
+
+def _arrange(t: torch.Tensor, backend: str) -> torch.Tensor:
+    """The memory order `backend` reads fastest: column-major for Triton, row-major otherwise."""
+    if backend == "triton":
+        return t.t().contiguous().t()
+    return t.contiguous()
+
+
+def _tile_counters(out_features: int, device) -> torch.Tensor:
+    return torch.zeros(-(-out_features // 16), dtype=torch.int32, device=device)
+
+
+def _undo_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed data and fp32 absmax back from bitsandbytes' CPU (AVX512-BF16) layout.
+
+    bitsandbytes repacks a Linear4bit the first time it runs on such a CPU: 32-row tiles
+    with the two nibbles of a byte 32 columns apart, and absmax transposed and rounded to
+    bf16. The 4-bit indices come back exactly; the scales are the bf16 ones that
+    bitsandbytes' CPU forward uses from then on.
+    """
+    out_features, in_features = state.shape
+    tile = 32
+    nibbles = data.view(torch.uint8).reshape(-1, 32)
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # (-1, 64)
+    q = q.reshape(out_features // tile, in_features // 2, tile, 2).transpose(1, 2)
+    q = q.reshape(out_features, in_features)
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]
+    absmax = state.absmax.t().float().contiguous()  # (in // blocksize, out) bf16 -> (out, in // blocksize)
+    return packed.contiguous(), absmax
+
+
+def nf4_linear_reference(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """x (..., in_features) -> (..., out_features): dequantize, then F.linear."""
+    return F.linear(x, w.dequantize(x.dtype))
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """x (..., in_features) fp16/fp32 -> (..., out_features), on the backend `w` was built for."""
+    if w.backend == "reference":
+        return nf4_linear_reference(x, w)
+    if w.backend == "bnb":
+        return torch.ops.bitsandbytes.gemm_4bit.default(
+            x, w.packed.view(-1, 1), [w.out_features, w.in_features], w.absmax.view(-1), w.blocksize, "nf4"
+        )
+    assert w.backend == "triton", f"unknown NF4 backend {w.backend!r}"
+    rows = x.reshape(-1, w.in_features)  # (M, K)
+    out = torch.ops.mistral_t4.nf4_linear(
+        rows, w.packed, w.absmax, w.code, w.lookup_table(x.dtype), w.tile_counters, w.blocksize
+    )
+    return out.view(*x.shape[:-1], w.out_features)
+
+
+# `tile_counters` is not declared as mutated: the kernel returns every counter to zero
+# before it exits, so to PyTorch the op is pure and needs no functionalization copies.
+@torch.library.custom_op("mistral_t4::nf4_linear", mutates_args=())
+def _nf4_linear_cuda(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code_x: torch.Tensor,
+    tile_counters: torch.Tensor,
+    blocksize: int,
+) -> torch.Tensor:
+    """x (M, K) -> (M, N). `code` is the fp32 table, `code_x` the same table in x's dtype."""
+    from . import nf4_triton
+
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        return nf4_triton.nf4_matmul(x, packed, absmax, code_x, tile_counters, blocksize)
+    weight = nf4_triton.nf4_dequantize(packed, absmax, code, blocksize, x.dtype)
+    return F.linear(x, weight)
+
+
+@_nf4_linear_cuda.register_fake
+def _(x, packed, absmax, code, code_x, tile_counters, blocksize):
+    return x.new_empty(x.shape[0], packed.shape[0])

@@ -1,0 +1,131 @@
+"""Decode attention: the reference against a naive loop, the Triton kernel against the reference.
+
+The Triton kernel runs under Triton's interpreter, chosen when Triton decorates a kernel,
+i.e. when TRITON_INTERPRET=1 is set before `attention_triton` is imported.
+`test_triton_kernel_in_interpreter` therefore reruns this file's `interpreted` tests in a
+subprocess with it set; in the normal run they are skipped.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mistral_t4.kernels import decode_attention, decode_attention_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernel_in_interpreter")
+
+MAX_LEN = 100  # not a multiple of any tile length
+LENGTHS = [0, MAX_LEN, 1, 37, 64, 65]  # idle slot, full cache, ragged rows
+
+
+def random_case(group, n_kv_heads=2, head_dim=32, dtype=torch.float32, lengths=LENGTHS, seed=0):
+    """q, k_cache, v_cache, lengths; the cache has one spare row beyond the batch."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    q = torch.randn(batch, n_kv_heads * group, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch + 1, n_kv_heads, MAX_LEN, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch + 1, n_kv_heads, MAX_LEN, head_dim, generator=generator).to(dtype)
+    return q, k, v, torch.tensor(lengths, dtype=torch.int32)
+
+
+def naive_attention(q, k_cache, v_cache, lengths, scale, sliding_window=None):
+    """Row by row, head by head, with K/V repeated to every query head."""
+    batch, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[1]
+    k = k_cache[:batch].repeat_interleave(group, dim=1).double()  # (batch, n_heads, max_len, head_dim)
+    v = v_cache[:batch].repeat_interleave(group, dim=1).double()
+    out = torch.zeros(batch, n_heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        end = int(lengths[b])
+        start = 0 if sliding_window is None else max(0, end - sliding_window)
+        for h in range(n_heads):
+            if end == 0:
+                continue
+            scores = k[b, h, start:end] @ q[b, h].double() * scale
+            out[b, h] = torch.softmax(scores, dim=0) @ v[b, h, start:end]
+    return out
+
+
+def rel_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5, 64, 1000])
+@pytest.mark.parametrize("group", [1, 4])
+def test_reference_matches_naive_loop(group, sliding_window):
+    q, k, v, lengths = random_case(group)
+    scale = q.shape[-1] ** -0.5
+    out = decode_attention_reference(q, k, v, lengths, scale, sliding_window)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    expected = naive_attention(q, k, v, lengths, scale, sliding_window)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_idle_rows_are_zero():
+    q, k, v, lengths = random_case(4, lengths=[0, 0, 3])
+    out = decode_attention_reference(q, k, v, lengths, 0.1)
+    assert torch.isfinite(out).all()
+    assert not out[:2].any() and out[2].any()
+
+
+def test_decode_attention_on_cpu_is_the_reference():
+    q, k, v, lengths = random_case(4)
+    expected = decode_attention_reference(q, k, v, lengths, 0.2, 16)
+    assert torch.equal(decode_attention(q, k, v, lengths, 0.2, 16), expected)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
+def test_triton_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# --- the Triton kernel, under TRITON_INTERPRET=1 -----------------------------------------
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+@interpreted
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_kernel_matches_reference(dtype, group, sliding_window, num_splits):
+    from mistral_t4.kernels import attention_triton
+
+    q, k, v, lengths = random_case(group, dtype=dtype)
+    scale = q.shape[-1] ** -0.5
+    out = torch.full_like(q, float("nan"))
+    attention_triton.decode_attention(q, k, v, lengths, scale, sliding_window, out, num_splits, block_len=32)
+    assert torch.isfinite(out).all(), "every output element written, idle rows included"
+    assert not out[0].any(), "an idle slot gives zeros"
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, scale, sliding_window)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@interpreted
+def test_interpreted_kernel_reads_strided_q():
+    """q as the model produces it: a slice of a fused projection output, rows not contiguous."""
+    from mistral_t4.kernels import attention_triton
+
+    _, k, v, lengths = random_case(4, dtype=torch.float16)
+    fused = torch.randn(len(LENGTHS), 3 * 8, 32, dtype=torch.float16)
+    q = fused[:, :8]  # (batch, n_heads, head_dim), batch stride 3x larger than contiguous
+    out = attention_triton.decode_attention(q, k, v, lengths, 0.2, None, num_splits=2, block_len=16)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, 0.2)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+
+
+@interpreted
+def test_interpreted_custom_op_defaults():
+    """The launcher with its default tile sizes and split count, through the custom op."""
+    q, k, v, lengths = random_case(4, dtype=torch.float16)
+    out = torch.ops.mistral_t4.decode_attention(q, k, v, lengths, 0.2, 30)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, 0.2, 30)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]

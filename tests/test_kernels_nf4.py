@@ -1,0 +1,236 @@
+"""NF4Weight and nf4_linear against bitsandbytes and the plain reference, on CPU.
+
+The Triton kernels run under Triton's interpreter, which is chosen when Triton decorates
+a kernel, i.e. when TRITON_INTERPRET=1 is set before `nf4_triton` is imported.
+`test_triton_kernels_in_interpreter` therefore reruns this file's `interpreted` tests in a
+subprocess with it set; in the normal run they are skipped.
+"""
+
+import os
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral_t4.kernels import NF4Weight, describe, nf4_linear, nf4_linear_reference, select_kernels
+from mistral_t4.kernels.nf4 import FUSED_MAX_ROWS
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernels_in_interpreter")
+
+# N not a multiple of any tile; K a multiple of the 64-weight block, not of the 128-wide K step.
+SHAPES = [(96, 320), (40, 192)]
+
+
+def bnb_weight(out_features, in_features, double_quant=True, dtype=torch.float32, seed=0):
+    """A quantized Params4bit, as `.weight` of a bnb.nn.Linear4bit on CPU holds it."""
+    generator = torch.Generator().manual_seed(seed)
+    w = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant, quant_type="nf4")
+    return layer.to("cpu").weight
+
+
+def rel_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_equals_bitsandbytes(shape, weight_dtype, double_quant, backend):
+    param = bnb_weight(*shape, double_quant=double_quant, dtype=weight_dtype)
+    w = NF4Weight.from_bnb(param, backend=backend)
+    expected = bnb_functional.dequantize_4bit(param.data, param.quant_state)  # in weight_dtype
+    assert (w.out_features, w.in_features) == shape
+    assert torch.equal(w.dequantize(weight_dtype), expected)
+    assert torch.equal(w.dequantize(torch.float32).to(weight_dtype), expected)
+
+
+def test_layouts_per_backend():
+    param = bnb_weight(96, 320)
+    shared = NF4Weight.from_bnb(param, backend="reference")
+    assert shared.packed.data_ptr() == param.data.data_ptr()  # bitsandbytes' buffer, no copy
+    triton_w = NF4Weight.from_bnb(param, backend="triton")
+    assert triton_w.packed.stride() == (1, 96) and triton_w.absmax.stride() == (1, 96)
+    assert shared.nbytes == triton_w.nbytes == 96 * 160 + 96 * 5 * 4
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 128])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_linear_is_dequantize_then_matmul(shape, rows):
+    param = bnb_weight(*shape)
+    w = NF4Weight.from_bnb(param, backend="reference")
+    x = torch.randn(rows, shape[1])
+    expected = F.linear(x, bnb_functional.dequantize_4bit(param.data, param.quant_state))
+    torch.testing.assert_close(nf4_linear_reference(x, w), expected, rtol=0, atol=0)
+    assert torch.equal(nf4_linear(x, w), nf4_linear_reference(x, w))  # the CPU backend is the reference
+
+
+def test_reference_keeps_leading_dimensions():
+    w = NF4Weight.from_bnb(bnb_weight(40, 192), backend="reference")
+    x = torch.randn(2, 3, 192)
+    assert nf4_linear(x, w).shape == (2, 3, 40)
+    torch.testing.assert_close(nf4_linear(x, w), nf4_linear(x.view(6, 192), w).view(2, 3, 40))
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_bnb_backend_arguments(rows):
+    """The sm75 path's call into bitsandbytes' gemm_4bit, run by its CPU implementation."""
+    param = bnb_weight(96, 320)
+    w = NF4Weight.from_bnb(param, backend="bnb")
+    x = torch.randn(rows, 320)
+    torch.testing.assert_close(nf4_linear(x, w), nf4_linear_reference(x, w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "bnb"])
+def test_concat_stacks_output_rows(backend):
+    params = [bnb_weight(n, 192, seed=n) for n in (64, 16, 40)]
+    parts = [NF4Weight.from_bnb(p, backend=backend) for p in params]
+    fused = NF4Weight.concat(parts)
+    assert (fused.out_features, fused.in_features) == (120, 192)
+    assert fused.nbytes == sum(p.nbytes for p in parts)
+    if backend == "triton":
+        assert fused.packed.stride() == (1, 120) and fused.tile_counters.numel() * 16 >= 120
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def test_concat_rejects_different_in_features():
+    a = NF4Weight.from_bnb(bnb_weight(16, 192))
+    b = NF4Weight.from_bnb(bnb_weight(16, 128))
+    with pytest.raises(AssertionError):
+        NF4Weight.concat([a, b])
+
+
+def test_to_keeps_values_and_layout():
+    w = NF4Weight.from_bnb(bnb_weight(40, 192), backend="triton")
+    moved = w.to("cpu")
+    assert moved.packed.stride() == w.packed.stride()
+    assert torch.equal(moved.dequantize(), w.dequantize())
+
+
+@pytest.mark.skipif(not bnb_functional.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
+def test_from_bnb_after_cpu_forward():
+    """bitsandbytes repacks a Linear4bit for its CPU kernel on first use; from_bnb undoes that."""
+    layer = bnb.nn.Linear4bit(192, 64, bias=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 192) * 0.02, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()  # bitsandbytes repacks in eval mode only, as HF models run
+    before = NF4Weight.from_bnb(layer.weight, backend="reference")
+    expected = before.dequantize()
+    with torch.no_grad():
+        layer(torch.randn(2, 192))
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    after = NF4Weight.from_bnb(layer.weight, backend="reference")
+    assert torch.equal(after.packed, before.packed)  # the 4-bit indices come back exactly
+    torch.testing.assert_close(after.dequantize(), expected, rtol=2**-8, atol=0)  # scales were rounded to bf16
+
+
+@pytest.mark.parametrize(
+    "name, parts, in_features",
+    [("qkv 4096->6144", [4096, 1024, 1024], 4096), ("down 14336->4096", [4096], 14336)],
+)
+def test_mistral_shapes_at_one_row(name, parts, in_features):
+    """Full-size Mistral-7B projections: layout, concat and the reference at M = 1."""
+    params = [bnb_weight(n, in_features, dtype=torch.float16, seed=i) for i, n in enumerate(parts)]
+    dense = torch.cat([bnb_functional.dequantize_4bit(p.data, p.quant_state) for p in params])
+    for backend in ("reference", "triton"):
+        w = NF4Weight.concat([NF4Weight.from_bnb(p, backend=backend) for p in params])
+        assert torch.equal(w.dequantize(torch.float16), dense), name
+    x = torch.randn(1, in_features, dtype=torch.float16)
+    assert torch.equal(nf4_linear_reference(x, w), F.linear(x, dense))
+
+
+def test_select_kernels(monkeypatch):
+    monkeypatch.delenv("MISTRAL_T4_REFERENCE_KERNELS", raising=False)
+    reference = {"nf4_linear": "reference", "decode_attention": "reference"}
+    assert select_kernels("cpu") == reference
+    assert select_kernels("cuda", force_reference=True) == reference
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert select_kernels("cuda") == {"nf4_linear": "triton", "decode_attention": "triton"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert select_kernels("cuda") == {"nf4_linear": "bnb", "decode_attention": "reference"}
+    monkeypatch.setenv("MISTRAL_T4_REFERENCE_KERNELS", "1")
+    assert select_kernels("cuda") == reference
+    line = describe(select_kernels("cpu"))
+    assert line.startswith("kernels: nf4_linear=reference") and "\n" not in line
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
+def test_triton_kernels_in_interpreter():
+    pytest.importorskip("triton")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# --- Triton kernels, under TRITON_INTERPRET=1 -------------------------------------------
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+CONFIGS = [
+    None,  # matmul_config's choice
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=3, num_warps=4, num_stages=2),  # uneven split-K
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=2),  # empty splits
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=2),  # partial last K step
+]
+
+
+@interpreted
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "split3", "split8", "nosplit"])
+@pytest.mark.parametrize("rows", [1, 7, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_interpreted_matmul_matches_reference(shape, dtype, rows, config):
+    from mistral_t4.kernels import nf4_triton
+
+    w = NF4Weight.from_bnb(bnb_weight(*shape, seed=rows), backend="triton")
+    x = torch.randn(rows, shape[1]).to(dtype)
+    if config is not None:
+        config = {**config, "BLOCK_M": max(16, 1 << (rows - 1).bit_length())}
+    out = torch.full((rows, shape[0]), float("nan"), dtype=dtype)
+    nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.lookup_table(dtype), w.tile_counters, w.blocksize, out, config)
+    assert torch.isfinite(out).all(), "every output element written"
+    assert rel_error(out, nf4_linear_reference(x.double(), w)) < TOLERANCE[dtype]
+    assert not w.tile_counters.any(), "split-K counters back to zero"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES + [(768, 512)])
+def test_interpreted_dequantize_is_exact(shape, dtype):
+    from mistral_t4.kernels import nf4_triton
+
+    w = NF4Weight.from_bnb(bnb_weight(*shape), backend="triton")
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    nf4_triton.nf4_dequantize(w.packed, w.absmax, w.code, w.blocksize, dtype, out)
+    assert torch.equal(out, w.dequantize(dtype))
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 32, FUSED_MAX_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_nf4_linear_backend(dtype, rows):
+    """The custom op: fused kernel up to FUSED_MAX_ROWS rows, dequantize + matmul above."""
+    w = NF4Weight.from_bnb(bnb_weight(96, 320), backend="triton")
+    x = torch.randn(2, rows, 320).to(dtype)
+    out = nf4_linear(x, w)
+    assert out.shape == (2, rows, 96) and out.dtype == dtype
+    assert rel_error(out, nf4_linear_reference(x.double(), w)) < TOLERANCE[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 32])
+@pytest.mark.parametrize("shape", [(768, 512), (512, 1792)], ids=["qkv/8", "down/8"])
+def test_interpreted_scaled_mistral_shapes(shape, rows):
+    """Mistral's qkv and down projections scaled down 8x: the same block and step structure."""
+    from mistral_t4.kernels import nf4_triton
+
+    w = NF4Weight.from_bnb(bnb_weight(*shape), backend="triton")
+    x = torch.randn(rows, shape[1], dtype=torch.float16)
+    config = nf4_triton.matmul_config(rows, *shape, w.blocksize, sm_count=8)
+    out = nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, w.blocksize, config=config)
+    assert rel_error(out, nf4_linear_reference(x.double(), w)) < TOLERANCE[torch.float16]
