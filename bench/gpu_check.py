@@ -77,20 +77,20 @@ def greedy_agreement(hf, engine: Engine, prompts: list[list[int]], steps: int) -
 
 
 def graph_evidence(engine: Engine) -> dict:
-    """Profile a few compiled decode steps: a replayed CUDA graph shows as cudaGraphLaunch, not ~100s of launches."""
+    """Profile a few decode steps: a replayed CUDA graph shows as one cudaGraphLaunch, not ~100s of launches."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
-        engine._step_greedy(engine.tokens, engine.positions, engine.adapter_ids)
+        engine._decode_logits().argmax(-1)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            engine._step_greedy(engine.tokens, engine.positions, engine.adapter_ids)
+            engine._decode_logits().argmax(-1)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     start = time.perf_counter()
     for _ in range(20):
-        engine._step_greedy(engine.tokens, engine.positions, engine.adapter_ids)
+        engine._decode_logits().argmax(-1)
     torch.cuda.synchronize()
     return {
         "cudaGraphLaunch_per_step": sum(n == "cudaGraphLaunch" for n in names) / 5,

@@ -65,7 +65,12 @@ class Engine:
         self._in_flight = None  # (host tokens, event, [(slot, sequence)]) of the step not yet read
         pin = device.type == "cuda"
         self._host_tokens = [torch.zeros(batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._decode_logits = self._maybe_compile(self.model.decode)
+        # The decode forward: compiled by inductor (CUDA) and captured by us as one CUDA graph
+        # at warm-up; plain eager PyTorch on CPU or with compile off.
+        self._forward = torch.compile(model.decode, fullgraph=True) if self.compile else model.decode
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_logits: torch.Tensor | None = None
+        self.use_graph = self.device.type == "cuda" and self.compile
 
     # ---------------------------------------------------------------- requests
 
@@ -115,11 +120,14 @@ class Engine:
         """
         if not self.active:
             return []
+        if self.use_graph and self._graph is None:
+            self.warmup()
+        logits = self._decode_logits()
         if all(seq.request.sampling.greedy for seq in self.active.values()):
-            next_tokens = self._step_greedy(self.tokens, self.positions, self.adapter_ids)
+            next_tokens = sampling.greedy(logits)
         else:
-            next_tokens = self._step_sample(self.tokens, self.positions, self.adapter_ids, self.temperature,
-                                            self.top_k, self.top_p, self.seeds)
+            next_tokens = sampling.sample(logits, self.temperature, self.top_k, self.top_p, self.seeds,
+                                          self.positions + 1)
         # the step's outputs become the next step's inputs without leaving the device
         self.tokens.copy_(next_tokens)
         self.positions.add_(self.running)  # idle slots stay at position 0
@@ -167,11 +175,28 @@ class Engine:
     # ---------------------------------------------------------------- warm-up
 
     def warmup(self) -> float:
-        """Compile and capture the decode graphs outside any timed region; returns seconds spent."""
+        """Compile the decode step and capture it as a CUDA graph, outside any timed region; returns seconds.
+
+        The graph is captured by hand (`torch.cuda.graph`) around the inductor-compiled
+        forward, rather than by `mode="reduce-overhead"`: its inputs (tokens, positions,
+        adapter ids) are this engine's own tensors, read in place with no copy per replay,
+        and a hand-made graph may be replayed from any thread (the worker's), which
+        cudagraph trees do not allow in torch < 2.12 (pytorch issue #123177).
+        """
         start = time.perf_counter()
-        for _ in range(3):  # reduce-overhead records on the 1st/2nd call and replays after
-            self._step_sample(self.tokens, self.positions, self.adapter_ids, self.temperature, self.top_k,
-                              self.top_p, self.seeds)
+        if self.use_graph:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # compile + autotune on a side stream, as graph capture requires
+                for _ in range(2):
+                    self._forward(self.tokens, self.positions, self.adapter_ids)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._graph_logits = self._forward(self.tokens, self.positions, self.adapter_ids)
+            self._graph = graph
+        elif self.compile:
+            self._forward(self.tokens, self.positions, self.adapter_ids)
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
         self.tokens.zero_()
@@ -180,24 +205,12 @@ class Engine:
 
     # ---------------------------------------------------------------- internals
 
-    def _step_greedy(self, tokens, positions, adapter_ids):
-        return sampling.greedy(self._decode_logits(tokens, positions, adapter_ids))
-
-    def _step_sample(self, tokens, positions, adapter_ids, temperature, top_k, top_p, seeds):
-        # Token choice runs eagerly after the compiled forward (one graph, compiled once):
-        # inductor (torch 2.11) fails to generate code for top-p's cumulative sum over the
-        # vocabulary, and a few extra kernels cost little next to the forward.
-        logits = self._decode_logits(tokens, positions, adapter_ids)
-        return sampling.sample(logits, temperature, top_k, top_p, seeds, positions + 1)
-
-    def _maybe_compile(self, fn):
-        if not self.compile:
-            return fn
-        # Weights and cache never move: tell the compiler, so the CUDA graph reads them in
-        # place instead of copying them into graph-owned inputs on every replay.
-        for buffer in self.model.buffers():
-            torch._dynamo.mark_static_address(buffer)
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    def _decode_logits(self) -> torch.Tensor:
+        """Logits (max_batch, vocab) of one decode step over every slot: a graph replay on CUDA."""
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_logits
+        return self._forward(self.tokens, self.positions, self.adapter_ids)
 
     def _prefill_groups(self, seqs: list[Sequence]):
         """Split into prefill batches of at most max_prefill_tokens padded tokens, similar lengths together."""

@@ -43,17 +43,15 @@ def run_workload(worker, prompts: list[list[int]], new_tokens: int, progress: bo
     n = len(prompts)
     futures = [None] * n
     barrier = threading.Barrier(n + 1)
-    bar = _progress(n * new_tokens, label) if progress else None
-    counter_lock = threading.Lock()
-
-    def on_token(token, text):
-        if bar is not None:
-            with counter_lock:
-                bar.update(1)
+    # Progress counts finished requests: a per-token callback would make every engine
+    # detokenize every token on the serving thread, which is not what is being measured.
+    bar = _progress(n, label) if progress else None
 
     def client(i):
         barrier.wait()
-        futures[i] = worker.submit(prompts[i], max_new_tokens=new_tokens, ignore_eos=True, on_token=on_token)
+        futures[i] = worker.submit(prompts[i], max_new_tokens=new_tokens, ignore_eos=True)
+        if bar is not None:
+            futures[i].add_done_callback(lambda _: bar.update(1))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
     device = worker.engine.device
@@ -122,7 +120,7 @@ def _round(value, scale=1.0):
 def _progress(total: int, label: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=label or "tokens", unit="tok", leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=label or "requests", unit="req", leave=False, mininterval=0.5)
 
 
 def timed(fn):
