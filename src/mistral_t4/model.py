@@ -226,7 +226,7 @@ class FastMistral(nn.Module):
             q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (B, heads, head_dim)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             self.cache.write_decode(index, positions, k, v)
-            attn = attention(q, self.cache.k[index], self.cache.v[index], lengths,
+            attn = attention(q, getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}"), lengths,
                              self.head_dim**-0.5, self.sliding_window)  # (B, n_heads, head_dim)
             x = x + layer.o(attn.reshape(batch, -1), masks)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps), masks)
