@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-
-from mistral_t4 import models
+import threading
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -29,6 +29,8 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: they pull in torch (seconds), and a Ctrl-C then must land inside main()
+    from mistral_t4 import models
     from mistral_t4.bench import ENGINES
 
     builtin = "; ".join(f"{name}: {text}" for name, text in models.BUILTIN_MODELS.items())
@@ -70,11 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _import_torch_holding_ctrl_c() -> None:
+    """Import torch with Ctrl-C held back until it is done, then raise KeyboardInterrupt if one came.
+
+    A KeyboardInterrupt raised while torch's C++ extensions initialise escapes through
+    pybind11 and aborts the process (std::terminate) instead of reaching our handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401 - signal handlers can only be set from the main thread
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _import_torch_holding_ctrl_c()
+        args = build_parser().parse_args(argv)  # inside the try: building the parser imports the rest (slow)
         return _bench(args) if args.command == "bench" else _chat(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: a short message, no traceback; open workers were closed on the way out
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (ValueError, MemoryError, OSError) as error:

@@ -15,6 +15,7 @@ from typing import Callable
 from mistral_t4.sampling import SamplingParams
 
 _ids = itertools.count(1)
+INT64_MAX = 2**63 - 1  # top_k and seed become int64 tensors; a bigger int would fail inside a batch
 
 
 class RequestError(ValueError):
@@ -53,7 +54,7 @@ class Result:
     prompt_tokens: int
     tokens: list[int]
     text: str
-    finish_reason: str  # "length" | "eos" | "stop"
+    finish_reason: str  # "length" | "eos" | "stop" | "cancelled" | "timeout"
     submitted_at: float
     first_token_at: float
     finished_at: float
@@ -73,16 +74,34 @@ class Result:
         return [b - a for a, b in zip(times, times[1:])]
 
 
+def _check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates, e.g. from bytes decoded with
+    errors="surrogateescape"): the tokenizer would fail on it with an unhelpful TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise RequestError(
+            f"{what} is not valid Unicode text: lone surrogate {bad!r} at index {error.start} cannot be encoded "
+            "as UTF-8 (decode bytes with errors='replace')"
+        ) from None
+
+
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Prompt -> token ids, or RequestError saying what is wrong with it."""
+    """Prompt -> token ids, or RequestError saying what is wrong with it. Never truncates."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise RequestError("prompt is empty")
+        _check_text(prompt, "prompt")
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif isinstance(prompt, (bytes, bytearray)):
+        raise RequestError("prompt is bytes; decode it to str first (e.g. data.decode('utf-8', errors='replace'))")
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         for message in prompt:
             if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise RequestError("chat messages need string 'role' and 'content' fields")
+            _check_text(message["content"], f"the content of a {message['role']!r} message")
+            _check_text(message["role"], "a message role")
         try:
             ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
                                                 return_dict=False)
@@ -114,16 +133,30 @@ def validate(request: Request, adapters: list[str]) -> None:
     n = request.max_new_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise RequestError(f"max_new_tokens must be an integer > 0, got {n!r}")
-    if not isinstance(request.sampling, SamplingParams):
+    sampling = request.sampling
+    if not isinstance(sampling, SamplingParams):
         raise RequestError("sampling must be a SamplingParams")
     try:
-        request.sampling.validate()
+        sampling.validate()
     except ValueError as error:
         raise RequestError(str(error)) from None
-    if isinstance(request.stop, str):
+    if sampling.temperature == float("inf"):
+        raise RequestError("temperature must be finite, got inf")
+    for name in ("top_k", "seed"):
+        if getattr(sampling, name) > INT64_MAX:
+            raise RequestError(f"{name} must be at most 2**63 - 1, got {getattr(sampling, name)}")
+    if request.stop is None:
+        request.stop = ()
+    elif isinstance(request.stop, str):
         request.stop = (request.stop,)
+    elif isinstance(request.stop, (list, tuple)):
+        request.stop = tuple(request.stop)
+    else:
+        raise RequestError(f"stop must be a string or a list of strings, not {type(request.stop).__name__}")
     if any(not isinstance(s, str) or not s for s in request.stop):
-        raise RequestError("stop strings must be non-empty strings")
+        raise RequestError(f"stop strings must be non-empty strings, got {list(request.stop)!r}")
+    for text in request.stop:
+        _check_text(text, "a stop string")
     if request.adapter is not None and request.adapter not in adapters:
         known = ", ".join(adapters) if adapters else "none are loaded"
         raise RequestError(f"unknown LoRA adapter {request.adapter!r} (loaded: {known})")

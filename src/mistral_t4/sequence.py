@@ -6,7 +6,7 @@ so stopping rules, streaming and results are the same whichever engine produced 
 
 from __future__ import annotations
 
-from mistral_t4.requests import Detokenizer, Request, Result, now
+from mistral_t4.requests import Detokenizer, EngineError, Request, RequestError, Result, now
 
 
 class Sequence:
@@ -21,7 +21,9 @@ class Sequence:
         self.token_times: list[float] = []
         self.finish_reason: str | None = None
         self.slot: int | None = None
-        self.error: Exception | None = None  # set when the caller's on_token callback raised
+        # why this sequence failed on its own (its on_token callback raised, its text would not decode);
+        # the worker hands it to this request's future, the rest of the batch goes on
+        self.error: Exception | None = None
         # text is only needed to stream it or to look for stop strings
         needs_text = request.on_token is not None or bool(request.stop)
         self.detokenizer = Detokenizer(tokenizer, prompt_ids) if needs_text else None
@@ -37,7 +39,11 @@ class Sequence:
         request = self.request
         self.tokens.append(token)
         self.token_times.append(now() if at is None else at)
-        delta = self.detokenizer.add(token) if self.detokenizer is not None else ""
+        try:
+            delta = self.detokenizer.add(token) if self.detokenizer is not None else ""
+        except Exception as error:  # noqa: BLE001 - fails this request only, not the batch
+            self._fail(EngineError(f"could not decode generated token {token} ({type(error).__name__}: {error})"))
+            return
         if not request.ignore_eos and token in self.eos_ids:
             self.finish_reason = "eos"
         elif request.stop and any(s in self.detokenizer.text for s in request.stop):
@@ -47,9 +53,13 @@ class Sequence:
         if request.on_token is not None:
             try:
                 request.on_token(token, delta)
-            except Exception as error:  # noqa: BLE001 - the caller's bug ends only its own request
-                self.error = error
-                self.finish_reason = "error"
+            # BaseException too: a callback that calls sys.exit() must not take the worker thread down
+            except BaseException as error:  # noqa: BLE001 - the caller's bug ends only its own request
+                self._fail(RequestError(f"on_token callback raised {type(error).__name__}: {error}"))
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        self.finish_reason = "error"
 
     def result(self) -> Result:
         tokens = self.tokens

@@ -4,7 +4,7 @@ The GPU can only do one thing at a time, and batching is what makes it fast, so 
 from many client threads go into one queue. The worker thread loops:
 
     1. take new requests from the queue (block only when there is nothing to do)
-    2. drop waiting requests that were cancelled or timed out
+    2. drop waiting requests that were cancelled or timed out; mark running ones to stop
     3. prefill waiting requests into free slots (they join the running batch)
     4. run one engine step; resolve the futures of requests that finished
 
@@ -13,6 +13,10 @@ Every submitted request ends in exactly one way: a `Result` (finish_reason "leng
 input, `EngineError` when the batch it ran in failed, `ShutdownError`, `TimeoutError`,
 or `CancelledError` when cancelled before it started). A failing batch never stops the
 worker: its requests get the error, the engine is reset, and the next requests are served.
+
+Only the worker thread touches the engine and the running sequences; client threads
+tokenize their own prompts (`engine.prepare`), put jobs in the queue and flag jobs to
+stop. That keeps the engine free of locks.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from mistral_t4.requests import EngineError, Request, RequestError, ShutdownErro
 from mistral_t4.sampling import SamplingParams
 from mistral_t4.sequence import Sequence
 
+_IDLE_WAIT_S = 0.05  # how long the worker sleeps on the queue when it cannot make progress
+
 
 class _Job:
-    __slots__ = ("seq", "future", "deadline")
+    __slots__ = ("seq", "future", "deadline", "stop_reason")
 
     def __init__(self, seq: Sequence, future: Future, deadline: float | None):
         self.seq, self.future, self.deadline = seq, future, deadline
+        self.stop_reason: str | None = None  # set by a client thread ("cancelled"); applied by the worker
 
 
 class Worker:
@@ -46,6 +53,8 @@ class Worker:
         self._inbox: queue.Queue = queue.Queue()
         self._closing = threading.Event()
         self._cancel_on_close = False
+        # Guards _by_future, and makes "not closing? then enqueue" atomic against close(),
+        # so no job can slip into the queue after the worker thread has drained it for the last time.
         self._lock = threading.Lock()
         self._by_future: dict[Future, _Job] = {}
         self._held = threading.Event()  # while set, requests queue up but none starts
@@ -64,12 +73,14 @@ class Worker:
         return self.submit_request(request, timeout=timeout)
 
     def submit_request(self, request: Request, timeout: float | None = None) -> Future:
+        """Queue `request`; `timeout` (seconds from now) ends it with TimeoutError or finish_reason "timeout"."""
         future: Future = Future()
         submitted = now()
         try:
             if self._closing.is_set():
                 raise ShutdownError("the worker is shut down; no new requests are taken")
-            if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                            and timeout > 0):
                 raise RequestError(f"timeout must be a number of seconds > 0, got {timeout!r}")
             seq = self.engine.prepare(request, submitted)
         except Exception as error:  # noqa: BLE001 - bad input is reported on the future
@@ -78,18 +89,28 @@ class Worker:
             return future
         job = _Job(seq, future, submitted + timeout if timeout is not None else None)
         with self._lock:
+            if self._closing.is_set():  # close() won the race while we were tokenizing
+                future.set_exception(ShutdownError("the worker is shut down; no new requests are taken"))
+                return future
             self._by_future[future] = job
-        self._inbox.put(job)
+            self._inbox.put(job)
         return future
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield the text of one request as it is generated; raises its error, if any, at the end."""
+        """Yield the text of one request as it is generated; raises its error, if any, at the end.
+
+        Leaving the loop early (break, an exception) cancels the request.
+        """
         deltas: queue.Queue = queue.Queue()
         future = self.submit(prompt, on_token=lambda token, text: deltas.put(text), **kwargs)
         future.add_done_callback(lambda f: deltas.put(None))
-        while (delta := deltas.get()) is not None:
-            if delta:
-                yield delta
+        try:
+            while (delta := deltas.get()) is not None:
+                if delta:
+                    yield delta
+        finally:
+            if not future.done():
+                self.cancel(future)
         future.result()
 
     @contextlib.contextmanager
@@ -102,26 +123,39 @@ class Worker:
             self._held.clear()
 
     def cancel(self, future: Future) -> bool:
-        """Cancel a request: before it starts its future is cancelled; while running it ends as "cancelled"."""
+        """Cancel a request: before it starts its future is cancelled (CancelledError); while running it
+        ends at the next step with finish_reason "cancelled". False if it had already ended."""
         if future.cancel():
             return True
         with self._lock:
             job = self._by_future.get(future)
-        if job is None or future.done():
-            return False
-        job.seq.finish_reason = job.seq.finish_reason or "cancelled"
+            if job is None or future.done():
+                return False
+            job.stop_reason = job.stop_reason or "cancelled"
         return True
 
     def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
-        """Stop taking requests; finish (or, with cancel_pending, cancel) the rest; join the thread."""
-        self._cancel_on_close = cancel_pending
-        self._closing.set()
+        """Stop taking requests; finish the rest (or, with cancel_pending, end them now); join the thread.
+
+        With cancel_pending, waiting requests fail with ShutdownError and running ones end at the
+        next step with finish_reason "cancelled" (their tokens so far are kept).
+        """
+        with self._lock:
+            self._cancel_on_close = self._cancel_on_close or cancel_pending
+            self._closing.set()
         self._inbox.put(None)  # wake the thread
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # close() from an on_token callback must not self-join
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not ended yet (waiting or running)."""
+        with self._lock:
+            return len(self._by_future)
 
     def __enter__(self) -> "Worker":
         return self
@@ -134,17 +168,33 @@ class Worker:
     def _run(self) -> None:
         waiting: deque[_Job] = deque()
         running: dict[int, _Job] = {}  # id(seq) -> job
+        try:
+            self._serve(waiting, running)
+        except BaseException as error:  # a bug in this loop: end every request rather than strand it
+            with self._lock:
+                self._closing.set()
+                stranded = list(self._by_future.values())
+            failure = EngineError(f"the worker stopped unexpectedly ({type(error).__name__}: {error})")
+            for job in stranded:
+                self._settle(job, error=failure)
+            raise
+
+    def _serve(self, waiting: deque, running: dict) -> None:
         while True:
-            idle = not running and not waiting
-            if idle and self._closing.is_set() and self._inbox.empty():
-                break
-            self._take(waiting, block=idle)
-            if self._closing.is_set() and self._cancel_on_close:
-                self._fail_all(waiting, running, ShutdownError("the worker was shut down before this finished"))
+            closing = self._closing.is_set()
+            if closing and not running and not waiting and self._inbox.empty():
+                return  # submit() enqueues under the lock only while not closing: nothing more can come
+            stuck = not running and (not waiting or self._held.is_set())
+            self._take(waiting, block=stuck)
+            if closing and self._cancel_on_close:
+                self._cancel_all(waiting, running)
                 continue
             self._expire(waiting, running)
             try:
-                self._admit(waiting, running)
+                # read after _take: hold() may have begun while we slept on the queue. A drain on
+                # close() must not wait for a hold() that nobody will release.
+                if not self._held.is_set() or closing:
+                    self._admit(waiting, running)
                 if running:
                     for seq in self.engine.step():
                         self._finish(running.pop(id(seq)))
@@ -153,7 +203,7 @@ class Worker:
 
     def _take(self, waiting: deque, block: bool) -> None:
         try:
-            job = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            job = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
             while True:
                 if job is not None:
                     waiting.append(job)
@@ -162,6 +212,7 @@ class Worker:
             pass
 
     def _expire(self, waiting: deque, running: dict) -> None:
+        """Drop cancelled / timed-out waiting jobs; tell running ones to stop at the next step."""
         clock = now()
         for job in list(waiting):
             if job.future.cancelled():
@@ -171,12 +222,16 @@ class Worker:
                 waiting.remove(job)
                 self._settle(job, error=TimeoutError("the request timed out before it started"))
         for job in running.values():
-            if job.deadline is not None and clock > job.deadline and not job.seq.done:
+            if job.seq.done:
+                continue
+            if job.stop_reason is not None:
+                job.seq.finish_reason = job.stop_reason
+            elif job.deadline is not None and clock > job.deadline:
                 job.seq.finish_reason = "timeout"
 
     def _admit(self, waiting: deque, running: dict) -> None:
         free = self.engine.free_slots()
-        if not free or not waiting or self._held.is_set():
+        if not free or not waiting:
             return
         batch: list[_Job] = []
         for job in list(waiting):
@@ -192,6 +247,8 @@ class Worker:
         if not batch:
             return
         for job in batch:
+            if job.stop_reason is not None:  # cancelled between the queue and here: stops after its first token
+                job.seq.finish_reason = job.stop_reason
             running[id(job.seq)] = job
         finished, failed = self.engine.admit([job.seq for job in batch])
         for seq, error in failed:
@@ -201,23 +258,34 @@ class Worker:
 
     def _finish(self, job: _Job) -> None:
         seq = job.seq
-        if seq.error is not None:
-            self._settle(job, error=RequestError(f"on_token callback raised {type(seq.error).__name__}: {seq.error}"))
-        else:
-            self._settle(job, result=seq.result())
+        if seq.error is not None:  # this request failed on its own (see Sequence.error)
+            self._settle(job, error=seq.error)
+            return
+        try:
+            result = seq.result()
+        except Exception as error:  # noqa: BLE001 - e.g. the tokenizer fails to decode: only this request fails
+            self._settle(job, error=EngineError(f"could not build the result ({type(error).__name__}: {error})"))
+            return
+        self._settle(job, result=result)
 
     def _fault(self, error: Exception, running: dict) -> None:
         """A step or prefill raised: fail every running request with it and reset the engine."""
         if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.engine.reset()
+        failure = _engine_error(error)
+        try:
+            self.engine.reset()
+        except Exception as reset_error:  # noqa: BLE001 - still settle every request below
+            failure = EngineError(f"{failure}; resetting the engine failed too ({type(reset_error).__name__}: "
+                                  f"{reset_error})")
         for job in list(running.values()):
-            self._settle(job, error=_engine_error(error))
+            self._settle(job, error=failure)
         running.clear()
 
-    def _fail_all(self, waiting: deque, running: dict, error: Exception) -> None:
+    def _cancel_all(self, waiting: deque, running: dict) -> None:
+        """close(cancel_pending=True): waiting jobs fail, running ones end "cancelled" after one more step."""
         while waiting:
-            self._settle(waiting.popleft(), error=error)
+            self._settle(waiting.popleft(), error=ShutdownError("the worker was shut down before this started"))
         for job in running.values():
             job.seq.finish_reason = job.seq.finish_reason or "cancelled"
         if running:
@@ -229,20 +297,21 @@ class Worker:
 
     def _settle(self, job: _Job, result=None, error: Exception | None = None) -> None:
         self._forget(job)
-        if job.future.done():
+        future = job.future
+        if future.done():
             return
-        if job.future.running() or job.future.set_running_or_notify_cancel():
+        if future.running() or future.set_running_or_notify_cancel():
             if error is not None:
-                job.future.set_exception(error)
+                future.set_exception(error)
             else:
-                job.future.set_result(result)
+                future.set_result(result)
 
     def _forget(self, job: _Job) -> None:
         with self._lock:
             self._by_future.pop(job.future, None)
 
 
-def _engine_error(error: Exception) -> EngineError:
+def _engine_error(error: Exception) -> Exception:
     if isinstance(error, (EngineError, RequestError)):
         return error
     kind = "out of GPU memory" if isinstance(error, torch.OutOfMemoryError) else type(error).__name__
