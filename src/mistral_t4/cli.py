@@ -129,8 +129,12 @@ def _chat(args) -> int:
 
     print("loading...", file=sys.stderr, flush=True)
     model, tokenizer = loading.load(args.model, quant=args.quant, lora=args.lora or None, device=args.device)
+    print(f"loaded: {loading.footprint_bytes(model) / 2**30:.2f} GiB of weights ({args.quant})", file=sys.stderr)
     engine = make_engine(args.engine, model, tokenizer, max_batch=4, max_len=4096,
                          compile=False if args.no_compile else None)
+    if getattr(engine, "use_graph", False):
+        print("compiling the decode step (once)...", file=sys.stderr, flush=True)
+        print(f"ready after {engine.warmup():.0f} s", file=sys.stderr, flush=True)
     if args.adapter is not None and args.adapter not in engine.adapters:
         print(f"error: unknown adapter {args.adapter!r} (loaded: {engine.adapters or 'none'})", file=sys.stderr)
         return 2
