@@ -221,6 +221,108 @@ def sweep_nf4(shapes, rows, device, dtype, time_ms, deadline):
     return results
 
 
+def _matmul_config_v1(m, n, k, sm_count):
+    """matmul_config before the prmt kernel (commit 3effcaf): the baseline's tiles."""
+    block_m = min(max(16, triton.next_power_of_2(m)), 128)
+    if block_m == 16:
+        block_n, target = 128, 6 * sm_count
+    elif triton.cdiv(n, 64) >= 2 * sm_count:
+        block_n, target = 128, 0
+    else:
+        block_n, target = 64, 2 * sm_count
+    n_tiles, split_k = triton.cdiv(n, block_n), 1
+    while m <= block_m and n_tiles * split_k < target and k // 128 >= 8 * split_k and split_k < 16:
+        split_k *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=3)
+
+
+VARIANTS = {  # name -> overrides of matmul_config's choice (--nf4-variants)
+    "before": lambda c: {"USE_ASM": False, "PIPELINED": False, "v1": True},  # 3effcaf's kernel and tiles
+    "gather": lambda c: {"USE_ASM": False, "PIPELINED": False},  # table gathers + register prefetch
+    "prmt": lambda c: {},  # the default: register table (PTX prmt), loads pipelined by Triton
+    "prmt-prefetch": lambda c: {"PIPELINED": False},
+    "prmt-bk256": lambda c: {"BLOCK_K": 256},
+    "prmt-w8": lambda c: {"num_warps": 8},
+    "prmt-st4": lambda c: {"num_stages": 4},
+    "prmt-st2": lambda c: {"num_stages": 2},
+    "prmt-sk2x": lambda c: {"SPLIT_K": c["SPLIT_K"] * 2},
+    "prmt-sk0.5x": lambda c: {"SPLIT_K": max(1, c["SPLIT_K"] // 2)},
+    "prmt-bn": lambda c: {"BLOCK_N": 192 - c["BLOCK_N"]},
+}
+
+
+def variant_config(name, m, n, k, sm_count):
+    default = nf4_triton.matmul_config(m, n, k, 64, sm_count)
+    config = {**default, **VARIANTS[name](default)}
+    if config.pop("v1", False):
+        config = {**config, **_matmul_config_v1(m, n, k, sm_count)}
+    if m > config["BLOCK_M"]:
+        config["SPLIT_K"] = 1
+    return config
+
+
+def nf4_variants(device, dtype, time_ms, rows=(1, 7, 32, 64), names=None):
+    if names is None and os.environ.get("NF4_VARIANTS"):  # e.g. NF4_VARIANTS=before,prmt
+        names = os.environ["NF4_VARIANTS"].split(",")
+    """The decode shapes under each kernel variant: error, time, GB/s; then a decode step per variant."""
+    sm_count = multiprocessor_count(device)
+    names = names or list(VARIANTS)
+    shapes = [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]
+    if device.type == "cuda":
+        jobs = {(m, tuple(sorted(variant_config(v, m, n, k, sm_count).items()))) for _, k, n in shapes for m in rows for v in names}
+        precompile([(m, dict(c)) for m, c in sorted(jobs)])
+    results = []
+    for name, k, n in shapes:
+        w = NF4Weight.from_bnb(random_param(k, n, device), backend="triton")
+        w_fp32 = w.dequantize(torch.float32)
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = x.float() @ w_fp32.T
+            bytes_moved = w.nbytes + x.nbytes + m * n * x.element_size()
+            row = dict(shape=name, m=m)
+            for v in names:
+                config = variant_config(v, m, n, k, sm_count)
+                out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+                fn = lambda: nf4_triton.nf4_matmul(  # noqa: E731
+                    x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, out=out, config=config
+                )
+                try:
+                    fn()
+                    err = rel_error(out, ref)
+                    ms = time_ms(fn)
+                    zero = int(w.tile_counters.abs().sum()) == 0
+                    row[v] = dict(ms=ms, gbps=bytes_moved / ms / 1e6, rel_err=err, counters_zero=zero)
+                except Exception as e:
+                    row[v] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            results.append(row)
+            best = min((v for v in names if "ms" in row[v]), key=lambda v: row[v]["ms"], default=None)
+            print(f"{name:<20} M={m:<3} best {best}", flush=True)
+            for v in names:
+                print(f"    {v:<12} {fmt(row[v])}", flush=True)
+    # a decode step's NF4 matmuls (8 layers), per variant
+    params = [[random_param(k, n, device) for _, k, n in shapes] for _ in range(8)]
+    weights = [[NF4Weight.from_bnb(p, backend="triton") for p in layer] for layer in params]
+    nbytes = sum(w.nbytes for layer in weights for w in layer)
+    for m in (1, 32, 64):
+        xs = {k: torch.randn(m, k, device=device, dtype=dtype) for _, k, _ in shapes}
+        for v in [v for v in ("before", "gather", "prmt", "prmt-bk256", "prmt-w8", "prmt-st4") if v in names]:
+
+            def step(v=v):
+                for layer in weights:
+                    for (_, k, n), w in zip(shapes, layer):
+                        nf4_triton.nf4_matmul(xs[k], w.packed, w.absmax, w.code_fp16, w.tile_counters, 64,
+                                              config=variant_config(v, m, n, k, sm_count))
+
+            try:
+                ms = time_ms(step, calls=3)
+                r = dict(variant=v, m=m, ms=ms, gbps=nbytes / ms / 1e6)
+            except Exception as e:
+                r = dict(variant=v, m=m, error=f"{type(e).__name__}: {str(e)[:300]}")
+            results.append(r)
+            print(f"decode step NF4 matmuls, 8 layers, {v:<8} M={m:<3}: {fmt(r)}", flush=True)
+    return results
+
+
 def bench_decode_step(device, dtype, time_ms, layers=8):
     """The NF4 matmuls of `layers` decoder layers (fused projections) in one graph, per backend."""
     shapes = {name: (k, n) for name, k, n in MISTRAL_SHAPES if name in DECODE_SHAPES}
@@ -342,6 +444,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time grids of kernel configurations")
     parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
+    parser.add_argument("--nf4-variants", action="store_true", help="only: NF4 kernel variants on the decode shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -365,6 +468,8 @@ def main():
     if device.type == "cuda":
         sections["decode_step"] = lambda: bench_decode_step(device, dtype, time_ms)
         sections["compile"] = lambda: check_compile_and_determinism(device, dtype)
+    if args.nf4_variants:
+        sections = {"nf4_variants": lambda: nf4_variants(device, dtype, time_ms)}
     if args.sweep:
         rows = [7] if args.smoke else [1, 32, 64]
         sections["sweep"] = lambda: sweep_nf4(sweep_shapes, rows, device, dtype, time_ms, deadline)

@@ -176,11 +176,12 @@ CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=3, num_warps=4, num_stages=2),  # uneven split-K
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=8, num_warps=4, num_stages=2),  # empty splits
     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=2),  # partial last K step
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=3, num_warps=4, num_stages=3, PIPELINED=True),  # GPU's loop
 ]
 
 
 @interpreted
-@pytest.mark.parametrize("config", CONFIGS, ids=["default", "split3", "split8", "nosplit"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "split3", "split8", "nosplit", "pipelined"])
 @pytest.mark.parametrize("rows", [1, 7, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -234,3 +235,86 @@ def test_interpreted_scaled_mistral_shapes(shape, rows):
     config = nf4_triton.matmul_config(rows, *shape, w.blocksize, sm_count=8)
     out = nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, w.blocksize, config=config)
     assert rel_error(out, nf4_linear_reference(x.double(), w)) < TOLERANCE[torch.float16]
+
+
+# --- The PTX table lookup of the fused kernel, run by a small PTX emulator on CPU -------
+
+
+def _run_lookup_ptx(ptx: str, operands: dict[int, int]) -> dict[int, int]:
+    """Execute the straight-line PTX of `nf4_triton._NF4_LOOKUP_PTX` on 32-bit integers."""
+    import numpy as np
+
+    regs = {f"${i}": v for i, v in operands.items()}
+
+    def value(token):
+        return regs[token] if token in regs else int(token, 0)
+
+    def prmt(a, b, c):
+        source = a | (b << 32)
+        out = 0
+        for k in range(4):
+            sel = (c >> (4 * k)) & 0xF
+            byte = (source >> (8 * (sel & 7))) & 0xFF
+            if sel & 8:  # sign replication, which the lookup must never trigger
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * k)
+        return out
+
+    def mul_f16x2(a, b):
+        halves = np.array([a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16], dtype=np.uint16).view(np.float16)
+        product = (halves[:2].astype(np.float32) * halves[2:].astype(np.float32)).astype(np.float16)
+        bits = product.view(np.uint16).astype(np.int64)
+        return int(bits[0]) | (int(bits[1]) << 16)
+
+    for line in ptx.strip().strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        src = [value(a) for a in src]
+        if op == "and.b32":
+            result = src[0] & src[1]
+        elif op == "shr.b32":
+            result = src[0] >> src[1]
+        elif op == "lop3.b32":
+            a, b, c, lut = src
+            result = 0
+            for bit in range(32):
+                index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                result |= ((lut >> index) & 1) << bit
+        elif op == "prmt.b32":
+            result = prmt(*src)
+        elif op == "mul.rn.f16x2":
+            result = mul_f16x2(*src)
+        else:
+            raise AssertionError(f"the emulator lacks {op}")
+        regs[dst] = result & 0xFFFFFFFF
+    return {int(r[1:]): v for r, v in regs.items() if r.startswith("$")}
+
+
+def test_lookup_ptx_emulated():
+    """The byte-permute lookup gives code[high nibble] * scale and code[low nibble] * scale."""
+    import numpy as np
+
+    from mistral_t4.kernels import nf4_triton
+
+    w = NF4Weight.from_bnb(bnb_weight(16, 64), backend="triton")
+    bits = w.code_fp16.view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    planes = [sum(int((bits[4 * i + j] >> shift) & 0xFF) << (8 * j) for j in range(4)) for shift in (0, 8) for i in range(4)]
+    generator = np.random.default_rng(0)
+    words = [int(v) for v in generator.integers(0, 2**32, 200)] + [0x01234567, 0x89ABCDEF, 0xFEDCBA98, 0x76543210]
+    code = w.code_fp16.numpy()
+    for word in words:
+        scales = generator.standard_normal(2).astype(np.float16)  # the asm sees 4 bytes, 2 scale pairs
+        scale_words = [int(np.array([s, s], dtype=np.float16).view(np.uint32)[0]) for s in scales]
+        operands = {4: word, 5: scale_words[0], 6: scale_words[1]}
+        for i, plane in enumerate(planes):  # each scalar table word fills 4 operands (pack=4)
+            for j in range(4):
+                operands[7 + 4 * i + j] = plane
+        out = _run_lookup_ptx(nf4_triton._NF4_LOOKUP_PTX.value, operands)
+        got = np.array([out[r] for r in range(4)], dtype=np.uint32).view(np.float16)  # even r0 r1 r2 r3, odd r0..r3
+        nibbles = [((word >> (8 * r)) >> 4) & 0xF for r in range(4)] + [(word >> (8 * r)) & 0xF for r in range(4)]
+        row_scale = [scales[r // 2] for r in range(4)] * 2
+        expected = np.array([np.float16(code[q] * s) for q, s in zip(nibbles, row_scale)], dtype=np.float16)
+        assert np.array_equal(got.view(np.uint16), expected.view(np.uint16)), hex(word)
