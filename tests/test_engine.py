@@ -192,3 +192,24 @@ def test_greedy_matches_hf_on_builtin_models(spec, quant, model_cache, monkeypat
     expected = [hf_greedy(model, p, 10) for p in prompts]
     engine = make_engine("mistral_t4", model, tokenizer, max_batch=8, max_len=128, compile=False)
     assert run_engine(engine, prompts, 10) == expected
+
+
+def test_eos_stop_strings_and_streaming_on_a_real_model(model_cache, monkeypatch):
+    """smollm2 answers, then ends with EOS; a stop string cuts the text; streamed pieces add up to the text."""
+    from mistral_t4 import loading
+    from mistral_t4.engine import make_engine
+
+    monkeypatch.setenv("MISTRAL_T4_CACHE", str(model_cache))
+    model, tokenizer = loading.load("smollm2-mistral", quant="fp32", device="cpu")
+    engine = make_engine("mistral_t4", model, tokenizer, max_batch=2, max_len=128, compile=False)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    pieces = []
+    with Worker(engine) as worker:
+        full = worker.submit(question, max_new_tokens=40, on_token=lambda token, text: pieces.append(text)).result()
+        cut = worker.submit(question, max_new_tokens=40, stop=["Paris"]).result()
+    assert full.finish_reason == "eos" and full.tokens[-1] == tokenizer.eos_token_id
+    assert "Paris" in full.text and "<|im_end|>" not in full.text
+    assert "".join(pieces).strip() == full.text.strip()
+    assert cut.finish_reason == "stop"
+    assert "Paris" not in cut.text and full.text.startswith(cut.text)
+    assert len(cut.tokens) < len(full.tokens)
