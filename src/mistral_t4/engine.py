@@ -7,7 +7,7 @@ Generation has two phases with opposite costs:
   step for only a few rows of work, so it is bound by memory bandwidth, and at small
   sizes by the launch overhead of ~400 small kernels. It runs over all `max_batch` slots
   with fixed shapes, so on CUDA it is compiled once (`torch.compile`, fullgraph) and
-  captured as a single CUDA graph that is replayed each step.
+  captured as one CUDA graph that is replayed each step.
 
 Slots are refilled as requests finish: a waiting request is prefilled into a free slot and
 joins the running batch at the next step (continuous batching), so a queue longer than the
