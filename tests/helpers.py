@@ -6,16 +6,13 @@ import torch
 
 
 def tiny_config(**overrides):
-    from transformers import MistralConfig
+    """The built-in tiny-random config, with a wider init (greedy choices far from ties) and any overrides."""
+    from mistral_t4.models import tiny_random_config
 
-    values = dict(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
-        sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    values.update(overrides)
-    return MistralConfig(**values)
+    config = tiny_random_config()
+    for name, value in {"initializer_range": 0.1, "pad_token_id": 2, **overrides}.items():
+        setattr(config, name, value)
+    return config
 
 
 def tiny_model(seed: int = 0, **overrides):
