@@ -29,7 +29,8 @@ ENGINES = {
     "hf-dynamic": "HF generate, same weights, dynamic cache",
     "hf-static": "HF generate, same weights, static cache (the usual recipe)",
     "hf-fp16": "HF generate, fp16 weights, dynamic cache (loads a second model; skipped where it does not fit)",
-    "hf-fp16-static-compiled": "HF generate, fp16 weights, static cache, compiled by transformers",
+    "hf-fp16-static-compiled": "HF generate, fp16 weights, static cache, compiled by transformers "
+                               "(torch >= 2.12: older cudagraph trees assert in a worker thread, pytorch#123177)",
 }
 CPU_WORKLOAD = {"requests": 8, "prompt_tokens": 32, "new_tokens": 16}
 
