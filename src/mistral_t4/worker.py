@@ -121,6 +121,7 @@ class Worker:
             yield self
         finally:
             self._held.clear()
+            self._inbox.put(None)  # wake the thread now, not at its next idle timeout
 
     def cancel(self, future: Future) -> bool:
         """Cancel a request: before it starts its future is cancelled (CancelledError); while running it
