@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 
@@ -41,3 +45,17 @@ def ragged_prompts(n: int, vocab: int, seed: int = 0, low: int = 3, high: int = 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_interpreted_tests(test_file: str) -> None:
+    """Run `test_file`'s tests named *interpreted* in a fresh process with TRITON_INTERPRET=1.
+
+    The variable must be set before triton is first imported, so these tests cannot share
+    the parent pytest process; in the parent they are skipped and this one test stands in.
+    """
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "interpreted"]
+    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -6,16 +6,12 @@ i.e. when TRITON_INTERPRET=1 is set before `attention_triton` is imported.
 subprocess with it set; in the normal run they are skipped.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from helpers import INTERPRETED, run_interpreted_tests
 from mistral_t4.kernels import decode_attention, decode_attention_reference
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernel_in_interpreter")
 
 MAX_LEN = 100  # not a multiple of any tile length
@@ -81,9 +77,7 @@ def test_decode_attention_on_cpu_is_the_reference():
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_triton_kernel_in_interpreter():
     pytest.importorskip("triton")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_interpreted_tests(__file__)
 
 
 # --- the Triton kernel, under TRITON_INTERPRET=1 -----------------------------------------

@@ -6,20 +6,16 @@ a kernel, i.e. when TRITON_INTERPRET=1 is set before `nf4_triton` is imported.
 subprocess with it set; in the normal run they are skipped.
 """
 
-import os
-import subprocess
-import sys
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import INTERPRETED, run_interpreted_tests
 from mistral_t4.kernels import NF4Weight, describe, nf4_linear, nf4_linear_reference, select_kernels
 from mistral_t4.kernels.nf4 import FUSED_MAX_ROWS
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernels_in_interpreter")
 
 # N not a multiple of any tile; K a multiple of the 64-weight block, not of the 128-wide K step.
@@ -163,9 +159,7 @@ def test_select_kernels(monkeypatch):
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_triton_kernels_in_interpreter():
     pytest.importorskip("triton")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    run_interpreted_tests(__file__)
 
 
 # --- Triton kernels, under TRITON_INTERPRET=1 -------------------------------------------
