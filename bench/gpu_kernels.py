@@ -119,7 +119,7 @@ def bench_nf4(shapes, rows, device, dtype, time_ms):
             io_bytes = x.nbytes + m * n * x.element_size()
             row = dict(shape=name, m=m, n=n, k=k)
             def dequant_cublas():
-                return F.linear(x, nf4_triton.nf4_dequantize(w.packed, w.absmax, w.code, 64, dtype))
+                return F.linear(x, nf4_triton.nf4_dequantize(w.packed, w.absmax, w.code, 64, k, dtype))
 
             candidates = {
                 "triton": (lambda: nf4_linear(x, w), w.nbytes),
@@ -143,13 +143,13 @@ def bench_nf4(shapes, rows, device, dtype, time_ms):
 
 
 def sweep_configs(m, n, k, sm_count):
-    """Configurations around matmul_config's choice: tile shape, warps, split-K x0.5/x1/x2."""
+    """Configurations around matmul_config's choice: tile rows, stages, warps, split-K x0.5/x1/x2."""
     default = nf4_triton.matmul_config(m, n, k, 64, sm_count)
     for block_n in (64, 128):
-        for block_k in (128, 256):
+        for num_stages in (3, 4):
             for num_warps in (4, 8):
                 for split_k in sorted({max(1, default["SPLIT_K"] // 2), default["SPLIT_K"], default["SPLIT_K"] * 2}):
-                    yield {**default, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": num_warps}
+                    yield {**default, "BLOCK_N": block_n, "num_stages": num_stages, "SPLIT_K": split_k, "num_warps": num_warps}
 
 
 def _compile_one(args):
@@ -212,7 +212,7 @@ def sweep_nf4(shapes, rows, device, dtype, time_ms, deadline):
             print(f"sweep {name} M={m}: default {default} -> {default_ms}", flush=True)
             for t in ok[:4]:
                 c = t["config"]
-                tile = f"BN={c['BLOCK_N']:<3} BK={c['BLOCK_K']:<3} SK={c['SPLIT_K']:<2} warps={c['num_warps']}"
+                tile = f"BN={c['BLOCK_N']:<3} stages={c['num_stages']} SK={c['SPLIT_K']:<2} warps={c['num_warps']}"
                 print(f"    {tile}: {fmt(t)}", flush=True)
             failed = [t for t in timings if "error" in t]
             if failed:
@@ -221,27 +221,9 @@ def sweep_nf4(shapes, rows, device, dtype, time_ms, deadline):
     return results
 
 
-def _matmul_config_v1(m, n, k, sm_count):
-    """matmul_config before the prmt kernel (commit 3effcaf): the baseline's tiles."""
-    block_m = min(max(16, triton.next_power_of_2(m)), 128)
-    if block_m == 16:
-        block_n, target = 128, 6 * sm_count
-    elif triton.cdiv(n, 64) >= 2 * sm_count:
-        block_n, target = 128, 0
-    else:
-        block_n, target = 64, 2 * sm_count
-    n_tiles, split_k = triton.cdiv(n, block_n), 1
-    while m <= block_m and n_tiles * split_k < target and k // 128 >= 8 * split_k and split_k < 16:
-        split_k *= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=3)
-
-
 VARIANTS = {  # name -> overrides of matmul_config's choice (--nf4-variants)
-    "before": lambda c: {"USE_ASM": False, "PIPELINED": False, "v1": True},  # 3effcaf's kernel and tiles
-    "gather": lambda c: {"USE_ASM": False, "PIPELINED": False},  # table gathers + register prefetch
-    "prmt": lambda c: {},  # the default: register table (PTX prmt), loads pipelined by Triton
-    "prmt-prefetch": lambda c: {"PIPELINED": False},
-    "prmt-bk256": lambda c: {"BLOCK_K": 256},
+    "gather": lambda c: {"USE_ASM": False},  # table gathers from memory instead of the PTX prmt lookup
+    "prmt": lambda c: {},  # the default: register table (PTX prmt)
     "prmt-w8": lambda c: {"num_warps": 8},
     "prmt-st4": lambda c: {"num_stages": 4},
     "prmt-st2": lambda c: {"num_stages": 2},
@@ -252,10 +234,7 @@ VARIANTS = {  # name -> overrides of matmul_config's choice (--nf4-variants)
 
 
 def variant_config(name, m, n, k, sm_count):
-    default = nf4_triton.matmul_config(m, n, k, 64, sm_count)
-    config = {**default, **VARIANTS[name](default)}
-    if config.pop("v1", False):
-        config = {**config, **_matmul_config_v1(m, n, k, sm_count)}
+    config = {**(default := nf4_triton.matmul_config(m, n, k, 64, sm_count)), **VARIANTS[name](default)}
     if m > config["BLOCK_M"]:
         config["SPLIT_K"] = 1
     return config
@@ -422,7 +401,7 @@ def check_compile_and_determinism(device, dtype):
         out = compiled(x, q, lengths)
     same = [torch.equal(a, b) for a, b in zip(out, eager)]
 
-    config = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, num_warps=4, num_stages=3)
+    config = dict(BLOCK_M=32, BLOCK_N=64, SPLIT_K=8, num_warps=4, num_stages=3)
     first = nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, config=config)
     repeats = [
         nf4_triton.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, 64, config=config) for _ in range(200)

@@ -23,11 +23,12 @@ Layout: bitsandbytes' own indexing, for every backend.
 A block never straddles two rows because in_features is a multiple of the blocksize
 (true for every Mistral projection), so concatenating weights along out_features (fused
 q/k/v, fused gate/up) is concatenating rows.
-Memory order: row-major (bitsandbytes' buffer itself, shared, no copy) for "bnb" and
-"reference". For "triton" both tensors are stored column-major, a transposed copy made
-once at load: the kernel's weight tile is (64+ output rows) x (a few blocks of K), and
-column-major makes each of its K positions one contiguous run of rows, the order the
-tensor-core operand is built in (row-major costs a shared-memory transpose of every tile).
+Byte order: bitsandbytes' own (its buffer itself, shared, no copy) for "bnb" and
+"reference". For "triton" a copy made once at load in the "halves" order of
+`nf4_triton.to_halves`: each step of two blocks along K keeps one block in the high
+nibbles and the next in the low ones, so a kernel tile needs one scale per row per half
+and plain contiguous slices of x (bitsandbytes' even/odd pairing costs a split of every
+tile). `dequantize` and `concat` give the same results for every backend.
 
 Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.backend`):
     "triton"    sm80+: `nf4_triton.nf4_matmul` (dequantize in registers + tensor cores) for
@@ -70,12 +71,12 @@ class NF4Weight:
 
     @property
     def in_features(self) -> int:
-        return self.packed.shape[1] * 2
+        return self.absmax.shape[1] * self.blocksize
 
     @property
     def nbytes(self) -> int:
         """Bytes a matmul must read: the 4-bit data and the scales."""
-        return self.packed.nbytes + self.absmax.nbytes
+        return self.out_features * self.in_features // 2 + self.absmax.nbytes
 
     @classmethod
     def from_bnb(cls, param, backend: str | None = None) -> NF4Weight:
@@ -99,7 +100,11 @@ class NF4Weight:
             from . import select_kernels
 
             backend = select_kernels(packed.device)["nf4_linear"]
-        packed, absmax = _arrange(packed, backend), _arrange(absmax, backend)
+        if backend == "triton":
+            from .nf4_triton import to_halves
+
+            packed = to_halves(packed, state.blocksize)
+        packed, absmax = packed.contiguous(), absmax.contiguous()
         code = state.code.float().to(packed.device)
         counters = _tile_counters(out_features, packed.device)
         return cls(packed, absmax, code, code.half(), counters, state.blocksize, backend)
@@ -112,8 +117,8 @@ class NF4Weight:
             assert w.in_features == first.in_features, "concat needs equal in_features"
             assert w.blocksize == first.blocksize and w.backend == first.backend
             assert torch.equal(w.code, first.code), "concat needs the same 4-bit code table"
-        packed = _arrange(torch.cat([w.packed for w in weights]), first.backend)
-        absmax = _arrange(torch.cat([w.absmax for w in weights]), first.backend)
+        packed = torch.cat([w.packed for w in weights])  # every backend's layout is row by row
+        absmax = torch.cat([w.absmax for w in weights])
         counters = _tile_counters(packed.shape[0], packed.device)
         return dataclasses.replace(first, packed=packed, absmax=absmax, tile_counters=counters)
 
@@ -121,10 +126,18 @@ class NF4Weight:
         """(out_features, in_features) tensor, equal to bitsandbytes' `dequantize_4bit`."""
         # A byte indexes the 256 possible (high nibble, low nibble) pairs of table values.
         pairs = torch.stack(torch.meshgrid(self.code, self.code, indexing="ij"), dim=-1).view(256, 2)
-        values = pairs[self.packed.long()]  # (out, in // 2, 2): W / absmax, in row order
+        values = pairs[self.bnb_packed().long()]  # (out, in // 2, 2): W / absmax, in row order
         blocks = values.reshape(self.out_features, -1, self.blocksize)  # (out, in // blocksize, blocksize)
         w = blocks * self.absmax[:, :, None]  # fp32, as bitsandbytes computes it
         return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def bnb_packed(self) -> torch.Tensor:
+        """The (out_features, in_features // 2) 4-bit data in bitsandbytes' byte order."""
+        if self.backend == "triton":
+            from .nf4_triton import from_halves
+
+            return from_halves(self.packed, self.blocksize, self.in_features)
+        return self.packed
 
     def to(self, device) -> NF4Weight:
         return dataclasses.replace(
@@ -141,13 +154,6 @@ class NF4Weight:
         if dtype == torch.float16:
             return self.code_fp16
         return self.code.to(dtype)
-
-
-def _arrange(t: torch.Tensor, backend: str) -> torch.Tensor:
-    """The memory order `backend` reads fastest: column-major for Triton, row-major otherwise."""
-    if backend == "triton":
-        return t.t().contiguous().t()
-    return t.contiguous()
 
 
 def _tile_counters(out_features: int, device) -> torch.Tensor:
@@ -211,7 +217,7 @@ def _nf4_linear_cuda(
 
     if x.shape[0] <= FUSED_MAX_ROWS:
         return nf4_triton.nf4_matmul(x, packed, absmax, code_x, tile_counters, blocksize)
-    weight = nf4_triton.nf4_dequantize(packed, absmax, code, blocksize, x.dtype)
+    weight = nf4_triton.nf4_dequantize(packed, absmax, code, blocksize, x.shape[1], x.dtype)
     return F.linear(x, weight)
 
 

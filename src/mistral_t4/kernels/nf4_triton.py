@@ -1,40 +1,41 @@
 """Triton kernels for NF4 weights (sm80+): a fused dequantize-matmul and a plain dequantize.
 
-Reference and layout: `nf4.py`. W[n, 2j] is the high nibble and W[n, 2j + 1] the low
-nibble of byte (n, j) of `packed`; one fp32 absmax per `blocksize` weights of a row. Here
-both tensors are column-major: byte (n, j) at j * N + n.
+Reference: `nf4.py`. The Triton backend keeps its own byte order, made once at load by
+`to_halves` (undone by `from_halves`): a row's K range is cut into steps of two
+quantization blocks, and byte j of step s holds W[n, 2Bs + j] in its high nibble and
+W[n, 2Bs + B + j] in its low one (B = blocksize, 0 <= j < B). So the high nibbles of a
+step are one whole block and the low nibbles the next: one scale per row for each half,
+and x's two halves are plain contiguous slices. bitsandbytes pairs W[n, 2j] with
+W[n, 2j + 1] instead, which makes every tile an even/odd interleave to split. Both
+tensors are row-major: packed (N, B * steps) uint8, absmax (N, K // B) fp32. An odd block
+count pads the last step's low nibbles with index 7 (the table's 0.0) and scale 0.
 
 `nf4_matmul` (decode, a few rows): out = x @ W.T without ever writing W in fp16.
   * Swapped operands. A tensor-core tile has at least 16 rows, decode has 1..64. So the
     kernel computes out.T = W @ x.T: weight rows fill the MMA's M side (64 or 128), the
     few activation rows its N side (padded to 16).
-  * A step covers BLOCK_K of K, i.e. GROUPS quantization blocks: a (BLOCK_N, GROUPS,
-    blocksize / 2) tile of bytes, each nibble looked up in the 16-entry table and
-    multiplied by its (row, block) scale. High nibbles are W's even columns and low
-    nibbles its odd ones, so x's tile is split into even and odd columns the same way,
-    and a step is two dots: W[:, 0::2] @ x[:, 0::2].T + W[:, 1::2] @ x[:, 1::2].T.
+  * A loop step is one step of the layout: a (BLOCK_N, B) byte tile, looked up into
+    W_hi and W_lo, and two dots: W_hi @ x[:, 2Bs : 2Bs + B].T + W_lo @ x[:, 2Bs + B :
+    2Bs + 2B].T. Triton pipelines the byte, scale and x loads through shared memory.
   * The lookup (fp16 on a GPU, USE_ASM): the table lives in registers as 8 words, the low
     and the high bytes of its 16 fp16 entries, and PTX byte permutes (`prmt`) pick them
     by nibble: 16 prmt + 6 logic ops + 4 fp16x2 scale multiplies per 32-bit word of 8
     weights (`_nf4_lookup_asm`), no memory access. Elsewhere (fp32, Triton's CPU
     interpreter, which cannot run PTX) a gather from the table in memory, which stays in L1.
-  * Column-major bytes: a K position's BLOCK_N rows are contiguous, loaded 16 bytes a
-    thread straight into the layout the operand is built in.
-  * Loads: with USE_ASM the byte tile is loaded in the loop and Triton pipelines it
-    through shared memory (cp.async, PIPELINED). The gather path prefetches the next
-    step's bytes into registers by hand instead; with the asm that costs ~3 instructions
-    per 32-bit word to repack the loop-carried bytes, so it is slower there.
-  * Split-K. Decode shapes have few output tiles (4096 / 128 = 32) for 100+ SMs, so
+  * Split-K. Decode shapes have few output tiles (4096 / 64 = 64) for 100+ SMs, so
     SPLIT_K programs share a tile's K range. Each writes its fp32 partial to a workspace
     and bumps the tile's counter; the last to arrive sums the partials in order
     0..SPLIT_K-1 (deterministic) and resets the counter to 0 for the next call. One
     launch, nothing to zero beforehand, safe to capture in a CUDA graph.
-Instructions (SASS of the main loop, H100/H200, 128x128 tile step): the gather costs ~8.5
-per weight (64-bit table address, the gather, nibble unpacking); the prmt lookup ~4.6
-(2 prmt, 0.6 logic, 0.5 multiply, the rest tile overhead). H200, decode shapes:
-0.33-0.74 TB/s of NF4 before, 0.42-1.12 TB/s with the prmt lookup (bench/gpu_kernels.py
---nf4-variants); what is left is latency (synchronous wgmma, shared-memory round trip
-of the operand), not the lookup.
+Measured on an H200 (bench/results/nf4_sweep_h200_2026-11-26_halves.json; decode
+shapes, M = 1/32/64): this layout is 5-25% faster than the previous column-major
+bitsandbytes order (0.5-1.1 -> 0.6-1.3 TB/s of NF4). What limits it (Nsight Compute):
+issue, not DRAM: ~1.7 warps per scheduler, one eligible a third of the time, waiting on
+shared memory (the dequantized tile goes registers -> shared -> registers before the
+MMA). A Gluon version with no shared memory at all (mma.sync, operands loaded straight
+into their registers, K permuted inside a block so that each thread's bytes are
+contiguous) was correct but no faster (0.45-1.24 TB/s): the lookup's ~3 instructions
+per weight set the pace.
 
 `nf4_dequantize` (prefill): W in fp16/fp32, bit-identical to the reference, for cuBLAS.
 """
@@ -56,28 +57,28 @@ _NF4_LOOKUP_PTX = tl.constexpr("""{
 and.b32 q, $4, 0x77777777;
 shr.b32 s, $4, 1;
 lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;
-prmt.b32 a, $7, $11, q;
-prmt.b32 b, $15, $19, q;
+prmt.b32 a, $9, $13, q;
+prmt.b32 b, $17, $21, q;
 prmt.b32 l, a, b, s;
-prmt.b32 a, $23, $27, q;
-prmt.b32 b, $31, $35, q;
+prmt.b32 a, $25, $29, q;
+prmt.b32 b, $33, $37, q;
 prmt.b32 h, a, b, s;
 prmt.b32 e0, l, h, 0x7351;
 prmt.b32 o0, l, h, 0x6240;
 shr.b32 q, q, 16;
 shr.b32 s, s, 16;
-prmt.b32 a, $7, $11, q;
-prmt.b32 b, $15, $19, q;
+prmt.b32 a, $9, $13, q;
+prmt.b32 b, $17, $21, q;
 prmt.b32 l, a, b, s;
-prmt.b32 a, $23, $27, q;
-prmt.b32 b, $31, $35, q;
+prmt.b32 a, $25, $29, q;
+prmt.b32 b, $33, $37, q;
 prmt.b32 h, a, b, s;
 prmt.b32 e1, l, h, 0x7351;
 prmt.b32 o1, l, h, 0x6240;
 mul.rn.f16x2 $0, e0, $5;
 mul.rn.f16x2 $1, e1, $6;
-mul.rn.f16x2 $2, o0, $5;
-mul.rn.f16x2 $3, o1, $6;
+mul.rn.f16x2 $2, o0, $7;
+mul.rn.f16x2 $3, o1, $8;
 }""")
 
 
@@ -102,8 +103,8 @@ def _table_planes(code_ptr):
 
 
 @triton.jit
-def _nf4_lookup_asm(packed, scale, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3):
-    """(code[packed >> 4] * scale, code[packed & 15] * scale) in fp16, with no memory access.
+def _nf4_lookup_asm(packed, scale_hi, scale_lo, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3):
+    """(code[packed >> 4] * scale_hi, code[packed & 15] * scale_lo) in fp16, with no memory access.
 
     4 bytes per asm instance (one 32-bit register, pack=4): a byte permute `prmt` picks
     bytes from an 8-byte table by the low 3 bits of 4 selector nibbles, so the low and
@@ -113,8 +114,8 @@ def _nf4_lookup_asm(packed, scale, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3):
     """
     return tl.inline_asm_elementwise(
         _NF4_LOOKUP_PTX,
-        "=r,=r,=r,=r" + ",r" * 35,
-        [packed, scale, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3],
+        "=r,=r,=r,=r" + ",r" * 37,
+        [packed, scale_hi, scale_lo, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3],
         dtype=(tl.float16, tl.float16),
         is_pure=True,
         pack=4,
@@ -122,17 +123,10 @@ def _nf4_lookup_asm(packed, scale, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3):
 
 
 @triton.jit
-def _step_mask(step, last_step, mask_n, offs_group, n_blocks, GROUPS: tl.constexpr):
-    """(BLOCK_N, GROUPS, 1) mask of a step's bytes: real rows, blocks inside K, step in range."""
-    in_k = (step * GROUPS + offs_group < n_blocks) & (step < last_step)
-    return mask_n[:, None, None] & in_k[None, :, None]
-
-
-@triton.jit
 def _nf4_matmul_kernel(
     x_ptr,  # (M, K), rows `stride_xm` apart
-    packed_ptr,  # (N, K // 2) uint8, column-major: element (n, j) at j * N + n
-    absmax_ptr,  # (N, K // BLOCKSIZE) fp32, column-major
+    packed_ptr,  # (N, BLOCKSIZE * steps) uint8, the halves layout, row-major
+    absmax_ptr,  # (N, K // BLOCKSIZE) fp32, row-major
     code_ptr,  # (16,) NF4 table in x's dtype
     out_ptr,  # (M, N), rows `stride_om` apart
     partial_ptr,  # (SPLIT_K, M, N) fp32 workspace, unused if SPLIT_K == 1
@@ -142,79 +136,53 @@ def _nf4_matmul_kernel(
     K,
     stride_xm,
     stride_om,
+    stride_pn,
+    stride_an,
     BLOCKSIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_ASM: tl.constexpr = False,
-    PIPELINED: tl.constexpr = False,
 ):
-    GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE  # quantization blocks per step
-    HALF: tl.constexpr = BLOCKSIZE // 2  # bytes per block
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_group = tl.arange(0, GROUPS)
-    offs_byte = tl.arange(0, HALF)
+    offs_j = tl.arange(0, BLOCKSIZE)
     mask_n = offs_n < N
     mask_m = offs_m < M
 
-    n_steps = tl.cdiv(K, BLOCK_K)
+    n_blocks = K // BLOCKSIZE
+    n_steps = tl.cdiv(n_blocks, 2)
     steps_per_split = tl.cdiv(n_steps, SPLIT_K)
     first_step = pid_k * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, n_steps)
 
-    # Tiles of a step are 3D, (rows, GROUPS blocks, elements of a block): one scale per
-    # (row, block) broadcasts over the last axis without reshaping the weights.
-    byte_in_step = offs_group[:, None] * HALF + offs_byte[None, :]  # (GROUPS, HALF)
-    packed_tile = packed_ptr + byte_in_step[None, :, :] * N + offs_n[:, None, None]
-    absmax_tile = absmax_ptr + offs_group[None, :] * N + offs_n[:, None]
-    x_in_step = offs_group[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (GROUPS, BLOCKSIZE)
-    x_tile = x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm + x_in_step[None, :, :]
+    packed_tile = packed_ptr + offs_n[:, None] * stride_pn + offs_j[None, :]  # (BLOCK_N, BLOCKSIZE)
+    absmax_rows = absmax_ptr + offs_n * stride_an
+    x_tile = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_j[None, :]  # (BLOCK_M, BLOCKSIZE)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out.T tile
     if USE_ASM:  # the fp16 table as byte planes, in registers for the whole kernel
         lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3 = _table_planes(code_ptr)
-    # The packed bytes feed table lookups, and Triton only software-pipelines loads that
-    # feed tl.dot: prefetch them one step ahead by hand, so their DRAM latency overlaps
-    # the current step.
-    n_blocks = K // BLOCKSIZE
-    step_bytes = (BLOCK_K // 2) * N  # one step further along K in the column-major bytes
-    if not PIPELINED:
-        mask = _step_mask(first_step, last_step, mask_n, offs_group, n_blocks, GROUPS)
-        next_packed = tl.load(packed_tile + first_step * step_bytes, mask=mask, other=0)
     for step in range(first_step, last_step):
-        if PIPELINED:
-            mask = _step_mask(step, last_step, mask_n, offs_group, n_blocks, GROUPS)
-            packed = tl.load(packed_tile + step * step_bytes, mask=mask, other=0)
-        else:
-            packed = next_packed  # (BLOCK_N, GROUPS, HALF)
-            mask = _step_mask(step + 1, last_step, mask_n, offs_group, n_blocks, GROUPS)
-            next_packed = tl.load(packed_tile + (step + 1) * step_bytes, mask=mask, other=0)
-
-        in_k = step * GROUPS + offs_group < n_blocks
-        scale = tl.load(absmax_tile + step * GROUPS * N, mask=mask_n[:, None] & in_k[None, :], other=0.0)
-        scale = scale.to(x_ptr.dtype.element_ty)[:, :, None]
+        has_lo = 2 * step + 1 < n_blocks  # an odd block count leaves the last step's low half empty
+        packed = tl.load(packed_tile + step * BLOCKSIZE, mask=mask_n[:, None], other=0)
+        scale_hi = tl.load(absmax_rows + 2 * step, mask=mask_n, other=0.0).to(x_ptr.dtype.element_ty)
+        scale_lo = tl.load(absmax_rows + 2 * step + 1, mask=mask_n & has_lo, other=0.0).to(x_ptr.dtype.element_ty)
+        x_hi = tl.load(x_tile + 2 * step * BLOCKSIZE, mask=mask_m[:, None], other=0.0)
+        x_lo = tl.load(x_tile + (2 * step + 1) * BLOCKSIZE, mask=mask_m[:, None] & has_lo, other=0.0)
         if USE_ASM:
-            scale = tl.broadcast_to(scale, packed.shape)
-            w_even, w_odd = _nf4_lookup_asm(packed, scale, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3)
+            scale_hi = tl.broadcast_to(scale_hi[:, None], packed.shape)
+            scale_lo = tl.broadcast_to(scale_lo[:, None], packed.shape)
+            w_hi, w_lo = _nf4_lookup_asm(packed, scale_hi, scale_lo, lb0, lb1, lb2, lb3, hb0, hb1, hb2, hb3)
         else:
-            w_even = tl.load(code_ptr + (packed >> 4)) * scale  # W[:, 0::2] of the step
-            w_odd = tl.load(code_ptr + (packed & 0xF)) * scale  # W[:, 1::2]
-
-        x_mask = mask_m[:, None, None] & in_k[None, :, None]
-        x = tl.load(x_tile + step * BLOCK_K, mask=x_mask, other=0.0)  # (BLOCK_M, GROUPS, BLOCKSIZE)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, GROUPS, HALF, 2)))
-        w_even = tl.reshape(w_even, (BLOCK_N, BLOCK_K // 2))
-        w_odd = tl.reshape(w_odd, (BLOCK_N, BLOCK_K // 2))
-        x_even = tl.reshape(x_even, (BLOCK_M, BLOCK_K // 2))
-        x_odd = tl.reshape(x_odd, (BLOCK_M, BLOCK_K // 2))
-        acc = tl.dot(w_even, tl.trans(x_even), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(w_odd, tl.trans(x_odd), acc, input_precision=DOT_PRECISION)
+            w_hi = tl.load(code_ptr + (packed >> 4)) * scale_hi[:, None]
+            w_lo = tl.load(code_ptr + (packed & 0xF)) * scale_lo[:, None]
+        acc = tl.dot(w_hi, tl.trans(x_hi), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w_lo, tl.trans(x_lo), acc, input_precision=DOT_PRECISION)
 
     out_offsets = offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     out_mask = mask_n[:, None] & mask_m[None, :]
@@ -235,63 +203,69 @@ def _nf4_matmul_kernel(
 
 @triton.jit
 def _nf4_dequantize_kernel(
-    packed_ptr,  # (N, K // 2) uint8, column-major
-    absmax_ptr,  # (N, K // BLOCKSIZE) fp32, column-major
+    packed_ptr,  # (N, BLOCKSIZE * steps) uint8, the halves layout, row-major
+    absmax_ptr,  # (N, K // BLOCKSIZE) fp32, row-major
     code_ptr,  # (16,) fp32
     out_ptr,  # (N, K), row-major
     N,
     K,
+    stride_pn,
+    stride_an,
     BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_J: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # byte columns
-    mask = (offs_n < N)[:, None] & (offs_j < K // 2)[None, :]
-    packed = tl.load(packed_ptr + offs_j[None, :] * N + offs_n[:, None], mask=mask, other=0)
-    scale = tl.load(absmax_ptr + (offs_j // (BLOCKSIZE // 2))[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
-    high = tl.load(code_ptr + (packed >> 4)) * scale  # fp32 products, as bitsandbytes computes them
-    low = tl.load(code_ptr + (packed & 0xF)) * scale
-    w = tl.interleave(high, low).to(out_ptr.dtype.element_ty)  # (BLOCK_N, 2 * BLOCK_J): W[n, 2j], W[n, 2j + 1]
-    offs_k = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)
-    out_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w, mask=out_mask)
+    step = tl.program_id(1)
+    offs_j = tl.arange(0, BLOCKSIZE)
+    mask_n = offs_n < N
+    has_lo = 2 * step + 1 < K // BLOCKSIZE
+    packed = tl.load(packed_ptr + offs_n[:, None] * stride_pn + step * BLOCKSIZE + offs_j[None, :], mask=mask_n[:, None])
+    scale_hi = tl.load(absmax_ptr + offs_n * stride_an + 2 * step, mask=mask_n)
+    scale_lo = tl.load(absmax_ptr + offs_n * stride_an + 2 * step + 1, mask=mask_n & has_lo)
+    w_hi = tl.load(code_ptr + (packed >> 4)) * scale_hi[:, None]  # fp32 products, as bitsandbytes computes them
+    w_lo = tl.load(code_ptr + (packed & 0xF)) * scale_lo[:, None]
+    out_rows = out_ptr + offs_n[:, None].to(tl.int64) * K + 2 * step * BLOCKSIZE + offs_j[None, :]
+    tl.store(out_rows, w_hi.to(out_ptr.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(out_rows + BLOCKSIZE, w_lo.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & has_lo)
+
+
+def to_halves(packed: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' (N, K // 2) byte order -> the halves layout (N, blocksize * steps), row-major."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, k)  # 4-bit indices in K order
+    if (k // blocksize) % 2:  # pad the last step's low half with index 7, the table's 0.0
+        q = torch.cat([q, q.new_full((n, blocksize), 7)], dim=1)
+    q = q.reshape(n, -1, 2, blocksize)  # (rows, steps, high/low half, byte)
+    return ((q[:, :, 0] << 4) | q[:, :, 1]).reshape(n, -1).contiguous()
+
+
+def from_halves(packed: torch.Tensor, blocksize: int, in_features: int) -> torch.Tensor:
+    """The halves layout -> bitsandbytes' (N, K // 2) byte order (inverse of `to_halves`)."""
+    n = packed.shape[0]
+    q = torch.stack([packed >> 4, packed & 0xF], dim=1)  # (rows, high/low, steps * blocksize)
+    q = q.reshape(n, 2, -1, blocksize).transpose(1, 2).reshape(n, -1)[:, :in_features]
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
 
 
 def matmul_config(m: int, n: int, k: int, blocksize: int, sm_count: int) -> dict:
     """Tile sizes, split-K and launch options for an (m, k) x (n, k).T NF4 matmul.
 
-    From sweeps on an H200 (`bench/gpu_kernels.py --sweep` and `--nf4-variants`), steps of
-    128 along K, 4 warps:
-      up to 16 rows   128-row weight tiles, split K towards ~6 programs per SM;
-      17..128 rows    128-row tiles and no split when 64-row tiles alone give 2 programs per
-                      SM (each program re-reads x, so fewer, taller tiles save L2 traffic
-                      once the GPU is full anyway); else 64-row tiles (128-row ones when
-                      K >= 2 N and that still gives 32+ tiles: the down projection) and
-                      K split while the doubled
-                      program count stays within 3 per SM (2 per SM plus a partial wave).
-    Splits keep at least 4 steps of K each.
+    From a sweep on an H200 (`bench/gpu_kernels.py --sweep`; decode shapes, M = 1/32/64):
+    64-row weight tiles (128 for M > 32 when 64-row tiles alone would be 2.5+ per SM: the
+    gate/up projection), 4 warps, 3 stages, and K split in the smallest power of two that
+    gives at least `target` programs: 3.5 per SM up to 16 rows, 2 per SM up to 32, 1.6
+    above (each program re-reads x, so fewer programs pay once the GPU is full). A split
+    keeps at least 4 steps of K.
     """
     block_m = min(max(16, triton.next_power_of_2(m)), 128)
-    if block_m == 16:
-        block_n, target = 128, 6 * sm_count
-    elif triton.cdiv(n, 64) >= 2 * sm_count:
-        block_n, target = 128, 0
-    else:
-        tall = k >= 2 * n and triton.cdiv(n, 128) >= 32  # e.g. the down projection
-        block_n, target = (128 if tall else 64), 3 * sm_count
-    block_k = 128
+    block_n = 128 if m > 32 and triton.cdiv(n, 64) >= 2.5 * sm_count else 64
+    target = (3.5 if m <= 16 else 2 if m <= 32 else 1.6) * sm_count
     n_tiles = triton.cdiv(n, block_n)
-
-    def more_programs_pay(split_k):
-        if block_m == 16:
-            return n_tiles * split_k < target
-        return 2 * n_tiles * split_k <= target
-
+    n_steps = triton.cdiv(k // blocksize, 2)
     split_k = 1
-    while m <= block_m and more_programs_pay(split_k) and k // block_k >= 8 * split_k and split_k < 16:
+    while m <= block_m and n_tiles * split_k < target and n_steps >= 8 * split_k and split_k < 16:
         split_k *= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
 def asm_lookup_available(x: torch.Tensor) -> bool:
@@ -309,11 +283,13 @@ def nf4_matmul(
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """x (M, K) @ W.T -> (M, N) in x's dtype; `code_x` is the NF4 table in x's dtype."""
+    """x (M, K) @ W.T -> (M, N) in x's dtype; W in the halves layout; `code_x` is the NF4 table in x's dtype."""
     m, k = x.shape
     n = packed.shape[0]
-    assert k == 2 * packed.shape[1] and k % blocksize == 0 and code_x.dtype == x.dtype
-    assert packed.stride() == (1, n) and absmax.stride() == (1, n), "the Triton layout is column-major"
+    n_blocks = k // blocksize
+    assert k % blocksize == 0 and packed.shape[1] == blocksize * triton.cdiv(n_blocks, 2), "packed is not W's halves layout"
+    assert absmax.shape == (n, n_blocks) and code_x.dtype == x.dtype
+    assert packed.stride(1) == 1 and absmax.stride(1) == 1, "the Triton layout is row-major"
     assert packed.numel() < 2**31, "32-bit offsets"
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -321,9 +297,7 @@ def nf4_matmul(
     use_asm = config.pop("USE_ASM", None)
     if use_asm is None:
         use_asm = asm_lookup_available(x)
-    pipelined = config.pop("PIPELINED", use_asm)
     block_m, block_n, split_k = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
-    assert config["BLOCK_K"] % blocksize == 0
     m_tiles, n_tiles = triton.cdiv(m, block_m), triton.cdiv(n, block_n)
     assert split_k == 1 or (m_tiles == 1 and tile_counters.numel() >= n_tiles)
     if out is None:
@@ -342,10 +316,11 @@ def nf4_matmul(
         k,
         x.stride(0),
         out.stride(0),
+        packed.stride(0),
+        absmax.stride(0),
         BLOCKSIZE=blocksize,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         USE_ASM=use_asm,
-        PIPELINED=pipelined,
         **config,
     )
     return out
@@ -356,17 +331,18 @@ def nf4_dequantize(
     absmax: torch.Tensor,
     code: torch.Tensor,
     blocksize: int,
+    in_features: int,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, K) row-major weight in `dtype`, equal to `NF4Weight.dequantize`; `code` is the fp32 table."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    assert packed.stride() == (1, n) and absmax.stride() == (1, n), "the Triton layout is column-major"
+    n, k = packed.shape[0], in_features
+    assert packed.stride(1) == 1 and absmax.stride(1) == 1, "the Triton layout is row-major"
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    block_n, block_j = 64, 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 2, block_j))
+    block_n = 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // blocksize, 2))
     _nf4_dequantize_kernel[grid](
-        packed, absmax, code, out, n, k, BLOCKSIZE=blocksize, BLOCK_N=block_n, BLOCK_J=block_j
+        packed, absmax, code, out, n, k, packed.stride(0), absmax.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n
     )
     return out
