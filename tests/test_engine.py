@@ -81,6 +81,41 @@ def test_prefill_logits_match_hf_forward(tokenizer):
     assert sum(k.abs().sum() for k in engine.cache.k) > 0
 
 
+def test_fused_prefill_ops_match_eager(tokenizer):
+    """The compiled elementwise steps of prefill (what GPUs run) against the eager ones, on CPU.
+
+    Compiled with dynamic shapes once, then called at another batch and length, and inside a
+    whole prefill of ragged prompts, whose logits and cache must match the eager prefill's.
+    """
+    from mistral_t4.model import EAGER_OPS, fused_ops
+
+    fused = fused_ops()
+    hf = tiny_model(seed=9)
+    fast = FastMistral.from_hf(hf)
+    engine = Engine(fast, tokenizer, max_batch=3, max_len=64, compile=False)
+    fast.warm_prefill_ops(fused, 16)
+    generator = torch.Generator().manual_seed(10)
+    x, delta = torch.randn(2, 3, 24, 64, generator=generator)  # other batch and length than the warm-up
+    weight = torch.randn(64, generator=generator)
+    for got, ref in [
+        (fused.rms_norm(x, weight, 1e-5), EAGER_OPS.rms_norm(x, weight, 1e-5)),
+        (fused.add_rms_norm(x, delta, weight, 1e-5), EAGER_OPS.add_rms_norm(x, delta, weight, 1e-5)),
+        (fused.silu_mul(x), EAGER_OPS.silu_mul(x)),
+        (fused.rotate_qk(x, delta, weight[:64], weight.flip(0)), EAGER_OPS.rotate_qk(x, delta, weight, weight.flip(0))),
+    ]:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    prompts = ragged_prompts(3, hf.config.vocab_size, seed=11)
+    tokens = torch.zeros(3, 48, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    args = (tokens, torch.tensor([len(p) for p in prompts]), torch.tensor([0, 1, 2]), torch.tensor([-1, -1, -1]))
+    eager_logits = fast.prefill(*args)
+    eager_cache = [k.clone() for k in engine.cache.k]
+    torch.testing.assert_close(fast.prefill(*args, ops=fused), eager_logits, rtol=1e-4, atol=1e-4)
+    for k, ref in zip(engine.cache.k, eager_cache):
+        torch.testing.assert_close(k, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tokenizer):
     hf = tiny_model(seed=9)
     prompts = ragged_prompts(4, hf.config.vocab_size, seed=10)

@@ -23,7 +23,7 @@ import torch
 
 from mistral_t4 import devices, sampling
 from mistral_t4.cache import CacheFullError, StaticKVCache, round_up
-from mistral_t4.model import FastMistral
+from mistral_t4.model import EAGER_OPS, FastMistral, fused_ops
 from mistral_t4.requests import Request, RequestError, encode_prompt, now, validate
 from mistral_t4.sequence import Sequence, eos_ids
 
@@ -68,6 +68,8 @@ class Engine:
         # The decode forward: compiled by inductor (CUDA) and captured by us as one CUDA graph
         # at warm-up; plain eager PyTorch on CPU or with compile off.
         self._forward = torch.compile(model.decode, fullgraph=True) if self.compile else model.decode
+        # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
+        self._prefill_ops = fused_ops() if self.device.type == "cuda" and self.compile else EAGER_OPS
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         self.use_graph = self.device.type == "cuda" and self.compile
@@ -197,6 +199,8 @@ class Engine:
             self._graph = graph
         elif self.compile:
             self._forward(self.tokens, self.positions, self.adapter_ids)
+        if self._prefill_ops is not EAGER_OPS:
+            self.model.warm_prefill_ops(self._prefill_ops, min(self.prefill_bucket, self.max_len))
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
         self.tokens.zero_()
@@ -245,7 +249,7 @@ class Engine:
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         seeds = torch.tensor([p.seed for p in params], device=device)
-        logits = self.model.prefill(rows.to(device), length_t, slot_t, adapter_t)
+        logits = self.model.prefill(rows.to(device), length_t, slot_t, adapter_t, self._prefill_ops)
         if all(p.greedy for p in params):
             first = sampling.greedy(logits)
         else:

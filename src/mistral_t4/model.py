@@ -18,7 +18,9 @@ What this file changes from Hugging Face's version, and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,37 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next RMSNorm: (x + delta, rms_norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up from the fused gate/up projection's output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# The elementwise steps between the matmuls. Eager PyTorch runs each as several kernels
+# with fp32 intermediates in memory (RMSNorm alone: upcast, square, mean, rsqrt, two
+# multiplies, downcast); compiled, each becomes one kernel. The decode step is compiled as a
+# whole, so inductor fuses these there already; prefill runs eagerly (its shapes vary), and
+# takes the compiled versions of just these functions on GPUs (`fused_ops`).
+EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate_qk=rotate_qk, silu_mul=silu_mul)
+
+
+@functools.cache
+def fused_ops() -> SimpleNamespace:
+    """`EAGER_OPS` compiled by inductor with dynamic shapes (one graph for any batch and length)."""
+    return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True)
+                              for name, fn in vars(EAGER_OPS).items()})
 
 
 @dataclass
@@ -181,10 +214,11 @@ class FastMistral(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
-                adapter_ids: torch.Tensor) -> torch.Tensor:
+                adapter_ids: torch.Tensor, ops: SimpleNamespace = EAGER_OPS) -> torch.Tensor:
         """Run right-padded prompts, fill their cache slots, return logits of each last real token.
 
         tokens: (n, T) right-padded; lengths: (n,) real lengths; slots: (n,) cache rows.
+        ops: `EAGER_OPS` or `fused_ops()`, the elementwise steps between the matmuls.
         Padding sits after the real tokens, so causal attention never lets a real token see it;
         what padding writes to the cache lies past the row's length and is overwritten later.
         """
@@ -193,20 +227,43 @@ class FastMistral(nn.Module):
         cos, sin = self.rope_cos[:length], self.rope_sin[:length]  # (T, head_dim)
         masks = self.adapter_masks(adapter_ids, 2)
         attn_mask = self._prefill_mask(length)
+        h = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, self.eps)
             q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (n, T, heads, head_dim)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, T, head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = ops.rotate_qk(q, k, cos, sin)
             self.cache.write_prefill(index, slots, k, v)
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True,
                 scale=self.head_dim**-0.5,
             )  # (n, n_heads, T, head_dim)
-            x = x + layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks)
-            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps), masks)
-        last = x[torch.arange(n, device=x.device), lengths - 1]  # (n, hidden)
-        return self._logits(last)
+            x, h = ops.add_rms_norm(x, layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks),
+                                    layer.post_norm, self.eps)
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
+            x, h = ops.add_rms_norm(x, layer.down(ops.silu_mul(layer.gate_up(h, masks)), masks), following,
+                                    self.eps)
+        last = h[torch.arange(n, device=x.device), lengths - 1]  # (n, hidden), final norm applied
+        return F.linear(last, self.lm_head).float()
+
+    @torch.inference_mode()
+    def warm_prefill_ops(self, ops: SimpleNamespace, length: int) -> None:
+        """Call `ops` on dummy tensors shaped and laid out as in `prefill`, for 1 and 2 prompts.
+
+        Compiles `fused_ops()` ahead of the first real prefill; with dynamic shapes, one
+        prompt (a size-1 dimension) and several are the two graphs. Touches no cache.
+        """
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        hidden = self.embed.shape[1]
+        inter = self.layers[0].gate_up.out_features // 2
+        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        for n in (1, 2):
+            x = torch.zeros(n, length, hidden, dtype=self.dtype, device=self.device)
+            ops.rms_norm(x, self.norm, self.eps)
+            ops.add_rms_norm(x, x, self.norm, self.eps)
+            ops.silu_mul(torch.zeros(n, length, 2 * inter, dtype=self.dtype, device=self.device))
+            qkv = torch.zeros(n, length, q_size + 2 * kv_size, dtype=self.dtype, device=self.device)
+            q, k, _ = self._split_qkv(qkv)
+            ops.rotate_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         """One token for every slot of the cache -> logits (max_batch, vocab).
@@ -224,12 +281,12 @@ class FastMistral(nn.Module):
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, self.eps)
             q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (B, heads, head_dim)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = rotate_qk(q, k, cos, sin)
             self.cache.write_decode(index, positions, k, v)
             attn = attention(q, getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}"), lengths,
                              self.head_dim**-0.5, self.sliding_window)  # (B, n_heads, head_dim)
-            x = x + layer.o(attn.reshape(batch, -1), masks)
-            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps), masks)
+            x, h = add_rms_norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
+            x = x + layer.down(silu_mul(layer.gate_up(h, masks)), masks)
         return self._logits(x)
 
     def _split_qkv(self, qkv: torch.Tensor):
@@ -238,10 +295,6 @@ class FastMistral(nn.Module):
         lead = qkv.shape[:-1]
         return (q.reshape(*lead, self.n_heads, self.head_dim), k.reshape(*lead, self.n_kv_heads, self.head_dim),
                 v.reshape(*lead, self.n_kv_heads, self.head_dim))
-
-    def _mlp(self, layer: FastLayer, h: torch.Tensor, masks) -> torch.Tensor:
-        gate, up = layer.gate_up(h, masks).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up, masks)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
