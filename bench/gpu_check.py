@@ -44,7 +44,8 @@ def teacher_forced(hf, fast: FastMistral, engine: Engine, prompt: list[int], ste
     padded = torch.zeros(1, engine.prefill_bucket * ((n + engine.prefill_bucket - 1) // engine.prefill_bucket),
                          dtype=torch.long, device=device)
     padded[0, :n] = full[:n]
-    errors = [rel(fast.prefill(padded, torch.tensor([n], device=device), slot, torch.tensor([-1], device=device))[0],
+    errors = [rel(fast.prefill(padded, torch.tensor([n], device=device), slot, torch.tensor([-1], device=device),
+                               engine.prefill_ops)[0],
                   ref[n - 1])]
     tokens = torch.zeros(engine.max_batch, dtype=torch.long, device=device)
     positions = torch.zeros(engine.max_batch, dtype=torch.long, device=device)

@@ -69,7 +69,7 @@ class Engine:
         # at warm-up; plain eager PyTorch on CPU or with compile off.
         self._forward = torch.compile(model.decode, fullgraph=True) if self.compile else model.decode
         # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
-        self._prefill_ops = fused_ops() if self.device.type == "cuda" and self.compile else EAGER_OPS
+        self.prefill_ops = fused_ops() if self.device.type == "cuda" and self.compile else EAGER_OPS
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         self.use_graph = self.device.type == "cuda" and self.compile
@@ -199,8 +199,8 @@ class Engine:
             self._graph = graph
         elif self.compile:
             self._forward(self.tokens, self.positions, self.adapter_ids)
-        if self._prefill_ops is not EAGER_OPS:
-            self.model.warm_prefill_ops(self._prefill_ops, min(self.prefill_bucket, self.max_len))
+        if self.prefill_ops is not EAGER_OPS:
+            self.model.warm_prefill_ops(self.prefill_ops, min(self.prefill_bucket, self.max_len))
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
         self.tokens.zero_()
@@ -249,7 +249,7 @@ class Engine:
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         seeds = torch.tensor([p.seed for p in params], device=device)
-        logits = self.model.prefill(rows.to(device), length_t, slot_t, adapter_t, self._prefill_ops)
+        logits = self.model.prefill(rows.to(device), length_t, slot_t, adapter_t, self.prefill_ops)
         if all(p.greedy for p in params):
             first = sampling.greedy(logits)
         else:
