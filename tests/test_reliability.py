@@ -475,8 +475,11 @@ def test_a_crash_of_the_worker_loop_ends_every_request(served, monkeypatch):
 def _spawn(args, cache):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MISTRAL_T4_CACHE": str(cache),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # one thread: see tracking.one_torch_thread
+    # Ctrl-C as a terminal delivers it, whatever this test process inherited: a shell starts
+    # background jobs (`cmd &`) with SIGINT ignored, and children inherit that.
     proc = subprocess.Popen([sys.executable, "-m", "mistral_t4", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = {"stdout": "", "stderr": ""}
 
     def pump(name, stream):
