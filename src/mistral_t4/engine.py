@@ -23,7 +23,7 @@ import torch
 
 from mistral_t4 import devices, sampling
 from mistral_t4.cache import CacheFullError, StaticKVCache, round_up
-from mistral_t4.model import EAGER_OPS, FastMistral, fused_ops
+from mistral_t4.model import COMPILE_OPTIONS, EAGER_OPS, FastMistral, fused_ops
 from mistral_t4.requests import Request, RequestError, encode_prompt, now, validate
 from mistral_t4.sequence import Sequence, eos_ids
 
@@ -67,7 +67,8 @@ class Engine:
         self._host_tokens = [torch.zeros(batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         # The decode forward: compiled by inductor (CUDA) and captured by us as one CUDA graph
         # at warm-up; plain eager PyTorch on CPU or with compile off.
-        self._forward = torch.compile(model.decode, fullgraph=True) if self.compile else model.decode
+        self._forward = (torch.compile(model.decode, fullgraph=True, options=COMPILE_OPTIONS) if self.compile
+                         else model.decode)
         # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
         self.prefill_ops = fused_ops() if self.device.type == "cuda" and self.compile else EAGER_OPS
         self._graph: torch.cuda.CUDAGraph | None = None

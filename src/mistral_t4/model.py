@@ -69,10 +69,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate_qk=rotate_qk, silu_mul=silu_mul)
 
 
+# Inductor keeps fused intermediates in fp32 unless told to round them where eager PyTorch
+# (and so Hugging Face) does, e.g. the fp16 residual sum before RMSNorm: rounding there
+# brings the fused steps 8x closer to eager (max error 0.0039 -> 0.0005 on fp16 RMSNorm).
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 @functools.cache
 def fused_ops() -> SimpleNamespace:
     """`EAGER_OPS` compiled by inductor with dynamic shapes (one graph for any batch and length)."""
-    return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True)
+    return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
                               for name, fn in vars(EAGER_OPS).items()})
 
 
