@@ -1,8 +1,10 @@
 """Our serving engine: ragged prefill, then a compiled one-token decode step for every slot.
 
 Generation has two phases with opposite costs:
-- *prefill* runs all prompt tokens at once: big matrix products, compute-bound. It runs
-  eagerly, padded to a multiple of `prefill_bucket` tokens.
+- *prefill* runs all prompt tokens at once: big matrix products, compute-bound. Its
+  matmuls run eagerly, padded to a multiple of `prefill_bucket` tokens; on CUDA the
+  elementwise steps between them run as kernels compiled once for any shape
+  (`model.fused_ops`).
 - *decode* makes one token per running request per step: every weight is read once per
   step for only a few rows of work, so it is bound by memory bandwidth, and at small
   sizes by the launch overhead of ~400 small kernels. It runs over all `max_batch` slots
