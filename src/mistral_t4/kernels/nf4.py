@@ -16,7 +16,7 @@ read the 4-bit data, not a dequantized fp16 copy (4x the bytes), and turn it int
 registers right before the matrix multiply. Prefill (thousands of rows) is compute-bound
 instead, and there dequantizing to fp16 once and calling cuBLAS is the better deal.
 
-Layout: bitsandbytes' own indexing, for every backend.
+Layout: bitsandbytes' own indexing (the "triton" backend reorders the bytes, see below).
     packed: (out_features, in_features // 2) uint8. Byte j of row n holds W[n, 2j] in its
             high nibble and W[n, 2j + 1] in its low nibble.
     absmax: (out_features, in_features // blocksize) fp32.
@@ -57,7 +57,7 @@ FUSED_MAX_ROWS = 64
 class NF4Weight:
     """A (out_features, in_features) weight in NF4, ready for `nf4_linear`."""
 
-    packed: torch.Tensor  # (out_features, in_features // 2) uint8, two 4-bit indices per byte
+    packed: torch.Tensor  # (out_features, in_features // 2) uint8, two 4-bit indices per byte ("triton": halves order)
     absmax: torch.Tensor  # (out_features, in_features // blocksize) fp32, one scale per block
     code: torch.Tensor  # (16,) fp32, the NF4 table
     code_fp16: torch.Tensor  # (16,) fp16, the same table for the fp16 kernel (looked up per weight)
