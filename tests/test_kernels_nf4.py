@@ -50,6 +50,8 @@ def test_dequantize_equals_bitsandbytes(shape, weight_dtype, double_quant, backe
     assert (w.out_features, w.in_features) == shape
     assert torch.equal(w.dequantize(weight_dtype), expected)
     assert torch.equal(w.dequantize(torch.float32).to(weight_dtype), expected)
+    assert torch.equal(w.dequantize_plain(weight_dtype), expected)  # the plain PyTorch definition
+    assert torch.equal(w.dequantize_plain(torch.float32), w.dequantize(torch.float32))
 
 
 def test_layouts_per_backend():
