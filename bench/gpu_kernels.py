@@ -167,7 +167,8 @@ def _compile_one(args):
 
 
 def precompile(jobs):
-    """Compile sweep configurations in parallel processes (compiling dominates a sweep)."""
+    """Compile (rows, config) pairs, duplicates dropped, in parallel processes (compiling dominates a sweep)."""
+    jobs = [(m, dict(c)) for m, c in sorted({(m, tuple(sorted(config.items()))) for m, config in jobs})]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=12, mp_context=context) as pool:
         errors = [e for e in pool.map(_compile_one, jobs) if e]
@@ -179,10 +180,7 @@ def sweep_nf4(shapes, rows, device, dtype, time_ms, deadline):
     """Time a grid of configurations per shape and M (until `deadline`); print the best few."""
     sm_count = multiprocessor_count(device)
     if device.type == "cuda":
-        jobs = {
-            (m, tuple(sorted(c.items()))) for _, k, n in shapes for m in rows for c in sweep_configs(m, n, k, sm_count)
-        }
-        precompile([(m, dict(c)) for m, c in sorted(jobs)])
+        precompile((m, c) for _, k, n in shapes for m in rows for c in sweep_configs(m, n, k, sm_count))
     results = []
     for name, k, n in shapes:
         w = NF4Weight.from_bnb(random_param(k, n, device), backend="triton")
@@ -241,15 +239,14 @@ def variant_config(name, m, n, k, sm_count):
 
 
 def nf4_variants(device, dtype, time_ms, rows=(1, 7, 32, 64), names=None):
-    if names is None and os.environ.get("NF4_VARIANTS"):  # e.g. NF4_VARIANTS=before,prmt
-        names = os.environ["NF4_VARIANTS"].split(",")
     """The decode shapes under each kernel variant: error, time, GB/s; then a decode step per variant."""
+    if names is None and os.environ.get("NF4_VARIANTS"):  # e.g. NF4_VARIANTS=gather,prmt
+        names = os.environ["NF4_VARIANTS"].split(",")
     sm_count = multiprocessor_count(device)
     names = names or list(VARIANTS)
     shapes = [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]
     if device.type == "cuda":
-        jobs = {(m, tuple(sorted(variant_config(v, m, n, k, sm_count).items()))) for _, k, n in shapes for m in rows for v in names}
-        precompile([(m, dict(c)) for m, c in sorted(jobs)])
+        precompile((m, variant_config(v, m, n, k, sm_count)) for _, k, n in shapes for m in rows for v in names)
     results = []
     for name, k, n in shapes:
         w = NF4Weight.from_bnb(random_param(k, n, device), backend="triton")

@@ -71,11 +71,11 @@ class Engine:
         # at warm-up; plain eager PyTorch on CPU or with compile off.
         self._forward = (torch.compile(model.decode, fullgraph=True, options=COMPILE_OPTIONS) if self.compile
                          else model.decode)
-        # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
-        self.prefill_ops = fused_ops() if self.device.type == "cuda" and self.compile else EAGER_OPS
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         self.use_graph = self.device.type == "cuda" and self.compile
+        # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
+        self.prefill_ops = fused_ops() if self.use_graph else EAGER_OPS
 
     # ---------------------------------------------------------------- requests
 
