@@ -505,10 +505,39 @@ BENCH = ["bench", "--model", "tiny-random", "--quant", "fp32", "--device", "cpu"
          "mistral_t4", "--requests", "4", "--prompt-tokens", "16", "--new-tokens", "3000", "--no-progress"]
 
 
-def _assert_interrupted(returncode, stderr):
+def _interrupt_and_check(proc, seen, readers):
+    """Send Ctrl-C; the CLI must exit 130 with one short line and no traceback (killed if it hangs)."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    stderr = seen["stderr"]
     assert returncode == 130, (returncode, stderr[-3000:])
     assert "Traceback" not in stderr, stderr[-3000:]
     assert stderr.rstrip().endswith("interrupted"), stderr[-3000:]
+
+
+def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
+    """Python swallows a KeyboardInterrupt raised inside `__del__` (the garbage collector runs them
+    anywhere, e.g. while the chat loads): the CLI's unraisable hook raises it again in the main thread."""
+    from mistral_t4 import cli
+
+    class Finalizer:
+        def __del__(self):
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while this ran
+
+    previous, sys.unraisablehook = sys.unraisablehook, cli._redeliver_lost_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Finalizer()  # collected at once: __del__ runs, its exception is swallowed ...
+            for _ in range(200):  # ... and the hook delivers it again here
+                time.sleep(0.005)
+    finally:
+        sys.unraisablehook = previous
 
 
 def test_ctrl_c_while_starting_exits_cleanly(tiny_random_path, model_cache):
@@ -516,15 +545,7 @@ def test_ctrl_c_while_starting_exits_cleanly(tiny_random_path, model_cache):
     for delay in (0.2, 0.4, 0.6, 0.8, 1.2, 2.0):
         proc, seen, readers = _spawn(CHAT, model_cache)
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        try:
-            returncode = proc.wait(timeout=WAIT)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        for reader in readers:
-            reader.join(timeout=10)
-        _assert_interrupted(returncode, seen["stderr"])
+        _interrupt_and_check(proc, seen, readers)
 
 
 @pytest.mark.parametrize("moment", ["chat idle", "chat generating", "bench running"])
@@ -545,11 +566,7 @@ def test_ctrl_c_exits_cleanly_with_a_short_message(tiny_random_path, model_cache
             _wait_for(seen, "stderr", "running", proc)
             time.sleep(1.0)
         assert proc.poll() is None, seen
-        proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    for reader in readers:
-        reader.join(timeout=10)
-    _assert_interrupted(returncode, seen["stderr"])
+    except BaseException:
+        proc.kill()
+        raise
+    _interrupt_and_check(proc, seen, readers)

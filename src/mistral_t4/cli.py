@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import signal
@@ -91,7 +92,26 @@ def _import_torch_holding_ctrl_c() -> None:
         raise KeyboardInterrupt
 
 
+def _redeliver_lost_ctrl_c(unraisable) -> None:
+    """`sys.unraisablehook`: a Ctrl-C that lands inside a finalizer (`__del__`, run by the
+    garbage collector at any moment) is swallowed by Python, and the chat would then sit at
+    its prompt. Raise it again in the main thread, where `main` handles it: from a timer
+    thread, a moment later, since raised at once it would land in this hook and be swallowed too."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        threading.Timer(0.01, _thread.interrupt_main).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_lost_ctrl_c
+    try:
+        return _main(argv)
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         _import_torch_holding_ctrl_c()
         args = build_parser().parse_args(argv)  # inside the try: building the parser imports the rest (slow)
