@@ -531,6 +531,8 @@ def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
             raise KeyboardInterrupt  # as if Ctrl-C arrived while this ran
 
     previous, sys.unraisablehook = sys.unraisablehook, cli._redeliver_lost_ctrl_c
+    # Python's own Ctrl-C handler, as an interactive process has (a background job's is SIG_IGN)
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             Finalizer()  # collected at once: __del__ runs, its exception is swallowed ...
@@ -538,6 +540,7 @@ def test_ctrl_c_lost_in_a_finalizer_is_raised_again():
                 time.sleep(0.005)
     finally:
         sys.unraisablehook = previous
+        signal.signal(signal.SIGINT, previous_handler)
 
 
 def test_ctrl_c_while_starting_exits_cleanly(tiny_random_path, model_cache):
