@@ -4,7 +4,8 @@
 
 For each weight format: prefill logits and teacher-forced decode logits of FastMistral vs
 the HF model (relative error per step), greedy tokens of our engine vs HF generate (how many
-steps agree), both kernel choices (fast and reference), and evidence that the compiled
+steps agree), for the kernels chosen for its 4-slot engine ("fast"), the references, and on NF4
+the Triton kernel (if "fast" took the CUDA one) and the T4 path; evidence that the compiled
 decode step replays as a CUDA graph (graph launches vs kernel launches in a profile).
 Prints a table; writes gpu_check.json.
 """
@@ -23,6 +24,9 @@ from mistral_t4.engine import Engine
 from mistral_t4.model import FastMistral
 from mistral_t4.requests import Request
 from mistral_t4.workload import make_prompts
+
+
+ENGINE_ROWS = 4  # slots of the engines checked here (the CUDA NF4 kernel serves up to 8 on sm80+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,13 +118,17 @@ def main() -> None:
         hf = loading.base_model(model)
         prompts = [p[:n] for p, n in zip(make_prompts(tokenizer, 4, 128), (128, 77, 100, 33))]
         entry = {}
-        variants = [("fast", kernels.select_kernels(device)), ("reference", kernels.select_kernels(device, True))]
-        if quant == "nf4":  # the kernels a T4 (sm75) gets, run here to check that path is correct
+        fast_choice = kernels.select_kernels(device, decode_rows=ENGINE_ROWS)
+        variants = [("fast", fast_choice), ("reference", kernels.select_kernels(device, True))]
+        if quant == "nf4":
+            if fast_choice["nf4_linear"] != "triton":  # the NF4 kernel of larger batches, at this batch
+                variants.append(("triton", {"nf4_linear": "triton", "decode_attention": "triton"}))
+            # the kernels a T4 (sm75) gets, run here to check that path is correct
             variants.append(("t4_path", {"nf4_linear": "bnb", "decode_attention": "triton"}))
         for label, choice in variants:
             force = label == "reference"
             fast = FastMistral.from_hf(model, choice)
-            engine = Engine(fast, tokenizer, max_batch=4, max_len=256, compile=not force)
+            engine = Engine(fast, tokenizer, max_batch=ENGINE_ROWS, max_len=256, compile=not force)
             compile_s = engine.warmup()
             item = {"kernels": choice, "compile_s": round(compile_s, 1),
                     "teacher_forced": teacher_forced(hf, fast, engine, prompts[0], args.steps),

@@ -1,10 +1,12 @@
 """Correctness and speed of the kernels on a GPU: `python bench/gpu_kernels.py [--sweep] [--smoke]`.
 
-NF4 linear, for every Mistral-7B projection shape and M in {1, 32, 128, 4096} rows:
+NF4 linear, for every Mistral-7B projection shape and M in {1, 8, 32, 64, 128, 4096} rows:
 relative error ||out - ref|| / ||ref|| against an fp32 reference (dequantize + fp32
 matmul), GPU time, and achieved GB/s against the bytes the kernel must move (NF4 data +
-scales + x + out). Beside it: bitsandbytes' kernel (the sm75 backend), dequantize +
-cuBLAS, and fp16 cuBLAS on a dense weight (4x the bytes: the baseline to beat).
+scales + x + out), for the Triton backend and the CUDA one (its kernel up to 8 rows, its
+dequantize + cuBLAS above; its dequantize must equal the reference bit for bit). Beside
+them: bitsandbytes' kernel (the sm75 backend), dequantize + cuBLAS, and fp16 cuBLAS on a
+dense weight (4x the bytes: the baseline to beat).
 Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions.
 A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
 Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import triton
 
 from mistral_t4.kernels import NF4Weight, decode_attention, decode_attention_reference, nf4_linear
-from mistral_t4.kernels import attention_triton, multiprocessor_count, nf4_triton
+from mistral_t4.kernels import attention_triton, multiprocessor_count, nf4_cuda, nf4_triton
 
 # (name, in_features, out_features) of Mistral-7B's projections, fused ones included.
 MISTRAL_SHAPES = [
@@ -111,8 +113,13 @@ def bench_nf4(shapes, rows, device, dtype, time_ms):
         param = random_param(k, n, device)
         w = NF4Weight.from_bnb(param, backend="triton")
         w_bnb = NF4Weight.from_bnb(param, backend="bnb")
+        w_cuda = NF4Weight.from_bnb(param, backend="cuda") if device.type == "cuda" else None
         w_fp32 = w.dequantize(torch.float32)
         w_dense = w.dequantize(dtype)
+        if w_cuda is not None:
+            exact = torch.equal(nf4_cuda.nf4_dequantize(w_cuda.packed, w_cuda.absmax, w_cuda.code), w_dense)
+            results.append(dict(shape=name, cuda_dequantize_exact=exact))
+            print(f"{name:<22} CUDA dequantize equals the reference: {exact}", flush=True)
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=dtype)
             ref = x.float() @ w_fp32.T
@@ -123,12 +130,13 @@ def bench_nf4(shapes, rows, device, dtype, time_ms):
 
             candidates = {
                 "triton": (lambda: nf4_linear(x, w), w.nbytes),
+                "cuda": (lambda: nf4_linear(x, w_cuda), w.nbytes),
                 "bnb": (lambda: nf4_linear(x, w_bnb), w.nbytes),
                 "dequant+cublas": (dequant_cublas, w.nbytes),
                 "fp16 cublas": (lambda: F.linear(x, w_dense), w_dense.nbytes),
             }
             for label, (fn, weight_bytes) in candidates.items():
-                if device.type != "cuda" and label in ("bnb", "fp16 cublas"):
+                if device.type != "cuda" and label in ("bnb", "fp16 cublas", "cuda"):
                     continue
                 try:
                     err = rel_error(fn(), ref)
@@ -304,14 +312,14 @@ def bench_decode_step(device, dtype, time_ms, layers=8):
     shapes = {name: (k, n) for name, k, n in MISTRAL_SHAPES if name in DECODE_SHAPES}
     params = [[random_param(k, n, device) for k, n in shapes.values()] for _ in range(layers)]
     results = []
-    for backend in ("triton", "bnb", "fp16 cublas"):
+    for backend in ("triton", "cuda", "bnb", "fp16 cublas"):
         if backend == "fp16 cublas":
             weights = [[NF4Weight.from_bnb(p, backend="reference").dequantize(dtype) for p in layer] for layer in params]
             nbytes = sum(w.nbytes for layer in weights for w in layer)
         else:
             weights = [[NF4Weight.from_bnb(p, backend=backend) for p in layer] for layer in params]
             nbytes = sum(w.nbytes for layer in weights for w in layer)
-        for m in (1, 32, 64):
+        for m in (1, 8) if backend == "cuda" else (1, 8, 32, 64):
             xs = {k: torch.randn(m, k, device=device, dtype=dtype) for k, _ in shapes.values()}
 
             def step():
@@ -438,7 +446,7 @@ def main():
     sweep_shapes = SMOKE_SHAPES if args.smoke else [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]
     deadline = time.monotonic() + args.sweep_seconds
     sections = {
-        "nf4": lambda: bench_nf4(shapes, [1, 7, 32] if args.smoke else [1, 32, 64, 128, 4096], device, dtype, time_ms),
+        "nf4": lambda: bench_nf4(shapes, [1, 7, 32] if args.smoke else [1, 8, 32, 64, 128, 4096], device, dtype, time_ms),
         "attention": lambda: bench_attention(device, dtype, time_ms, args.smoke, args.sweep and device.type == "cuda"),
     }
     if device.type == "cuda":

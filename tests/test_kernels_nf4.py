@@ -39,7 +39,7 @@ def rel_error(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -48,6 +48,7 @@ def test_dequantize_equals_bitsandbytes(shape, weight_dtype, double_quant, backe
     w = NF4Weight.from_bnb(param, backend=backend)
     expected = bnb_functional.dequantize_4bit(param.data, param.quant_state)  # in weight_dtype
     assert (w.out_features, w.in_features) == shape
+    assert w.backend == ("triton" if backend == "cuda" and shape[0] % 16 else backend)  # "cuda" needs 16-row groups
     assert torch.equal(w.dequantize(weight_dtype), expected)
     assert torch.equal(w.dequantize(torch.float32).to(weight_dtype), expected)
     assert torch.equal(w.dequantize_plain(weight_dtype), expected)  # the plain PyTorch definition
@@ -62,7 +63,41 @@ def test_layouts_per_backend():
     # 5 blocks of 64: 3 steps of 64 bytes, the last one's low half padded
     assert triton_w.packed.shape == (96, 192) and triton_w.packed.is_contiguous() and triton_w.absmax.is_contiguous()
     assert torch.equal(triton_w.bnb_packed(), shared.packed)
-    assert shared.nbytes == triton_w.nbytes == 96 * 160 + 96 * 5 * 4
+    cuda_w = NF4Weight.from_bnb(param, backend="cuda")  # same shapes, bytes and scales in fragment order
+    assert cuda_w.packed.shape == (96, 160) and cuda_w.absmax.shape == (96, 5) and cuda_w.packed.is_contiguous()
+    assert not torch.equal(cuda_w.packed, shared.packed) and torch.equal(cuda_w.bnb_packed(), shared.packed)
+    assert torch.equal(cuda_w.row_absmax(), shared.absmax)
+    assert shared.nbytes == triton_w.nbytes == cuda_w.nbytes == 96 * 160 + 96 * 5 * 4
+
+
+def test_fragment_layout():
+    """Group G, block b, lane 4g + c, word t, byte 2h + rh: row 16G + g + 8rh, k = 64b + 16c + 4t + 2h
+    in the low nibble and k + 1 in the high one (the A registers of mma.sync m16n8k16); scales:
+    per (G, b) the pairs (row g, row g + 8)."""
+    from mistral_t4.kernels.nf4_cuda import from_fragments, to_fragments
+
+    n, k = 32, 192
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    absmax = torch.rand(n, k // 64, generator=generator)
+    packed = (q[:, 0::2] << 4) | q[:, 1::2]  # bitsandbytes' order
+    fragments, scales = to_fragments(packed, absmax)
+    f = fragments.view(2, 3, 8, 4, 4, 4)  # (G, b, g, c, t, byte)
+    pairs = scales.view(2, 3, 8, 2)
+    for G, b, g, c, t, j in [(0, 0, 0, 0, 0, 0), (1, 2, 7, 3, 3, 3), (0, 1, 5, 2, 1, 2), (1, 0, 3, 1, 2, 1)]:
+        row, col = 16 * G + g + 8 * (j % 2), 64 * b + 16 * c + 4 * t + 2 * (j // 2)
+        assert int(f[G, b, g, c, t, j]) == int(q[row, col]) | int(q[row, col + 1]) << 4
+        assert pairs[G, b, g, j % 2] == absmax[row, b]
+    for G in range(2):  # every byte, vectorized: rebuild q from the formula
+        for rh in range(2):
+            for h in range(2):
+                byte = f[G, :, :, :, :, 2 * h + rh]  # (b, g, c, t)
+                cols = (64 * torch.arange(3)[:, None, None] + 16 * torch.arange(4)[None, :, None]
+                        + 4 * torch.arange(4)[None, None, :] + 2 * h)  # (b, c, t)
+                rows = 16 * G + 8 * rh + torch.arange(8)
+                assert torch.equal(byte & 0xF, q[rows[None, :, None, None], cols[:, None]])
+                assert torch.equal(byte >> 4, q[rows[None, :, None, None], cols[:, None] + 1])
+    assert all(torch.equal(a, e) for a, e in zip(from_fragments(fragments, scales), (packed, absmax)))
 
 
 @pytest.mark.parametrize("in_features, blocksize", [(256, 64), (320, 64), (384, 128), (64, 64)])
@@ -112,15 +147,18 @@ def test_bnb_backend_arguments(rows):
     torch.testing.assert_close(nf4_linear(x, w), nf4_linear_reference(x, w), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "bnb"])
-def test_concat_stacks_output_rows(backend):
-    params = [bnb_weight(n, 192, seed=n) for n in (64, 16, 40)]
+@pytest.mark.parametrize("backend", ["reference", "triton", "bnb", "cuda"])
+@pytest.mark.parametrize("rows", [(64, 16, 40), (64, 16, 32)])
+def test_concat_stacks_output_rows(backend, rows):
+    params = [bnb_weight(n, 192, seed=n) for n in rows]
     parts = [NF4Weight.from_bnb(p, backend=backend) for p in params]
     fused = NF4Weight.concat(parts)
-    assert (fused.out_features, fused.in_features) == (120, 192)
+    assert (fused.out_features, fused.in_features) == (sum(rows), 192)
+    if backend == "cuda":  # 40 rows make no 16-row groups: that part, then the whole, falls back to Triton
+        assert fused.backend == ("triton" if 40 in rows else "cuda")
     assert fused.nbytes == sum(p.nbytes for p in parts)
-    if backend == "triton":
-        assert fused.packed.shape == (120, 128) and fused.tile_counters.numel() * 16 >= 120
+    if fused.backend == "triton":
+        assert fused.packed.shape == (sum(rows), 128) and fused.tile_counters.numel() * 16 >= sum(rows)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
 
 
@@ -162,9 +200,9 @@ def test_mistral_shapes_at_one_row(name, parts, in_features):
     """Full-size Mistral-7B projections: layout, concat and the reference at M = 1."""
     params = [bnb_weight(n, in_features, dtype=torch.float16, seed=i) for i, n in enumerate(parts)]
     dense = torch.cat([bnb_functional.dequantize_4bit(p.data, p.quant_state) for p in params])
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "cuda"):
         w = NF4Weight.concat([NF4Weight.from_bnb(p, backend=backend) for p in params])
-        assert torch.equal(w.dequantize(torch.float16), dense), name
+        assert w.backend == backend and torch.equal(w.dequantize(torch.float16), dense), name
     x = torch.randn(1, in_features, dtype=torch.float16)
     assert torch.equal(nf4_linear_reference(x, w), F.linear(x, dense))
 
@@ -176,6 +214,19 @@ def test_select_kernels(monkeypatch):
     assert select_kernels("cuda", force_reference=True) == reference
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert select_kernels("cuda") == {"nf4_linear": "triton", "decode_attention": "triton"}
+    from mistral_t4.kernels import nf4_cuda
+
+    compiles = []
+    monkeypatch.setattr(nf4_cuda, "available", lambda device: compiles.append(device) or True)
+    assert select_kernels("cuda", decode_rows=1) == {"nf4_linear": "cuda", "decode_attention": "triton"}
+    assert select_kernels("cuda", decode_rows=8)["nf4_linear"] == "cuda"
+    assert select_kernels("cuda", decode_rows=9)["nf4_linear"] == "triton"
+    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA", "0")
+    assert select_kernels("cuda", decode_rows=1)["nf4_linear"] == "triton"
+    monkeypatch.delenv("MISTRAL_T4_NF4_CUDA")
+    monkeypatch.setattr(nf4_cuda, "available", lambda device: False)  # no NVRTC, or it failed to compile
+    assert select_kernels("cuda", decode_rows=1)["nf4_linear"] == "triton"
+    assert len(compiles) == 2  # only asked when the batch is small enough
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_kernels("cuda") == {"nf4_linear": "bnb", "decode_attention": "reference"}
     monkeypatch.setenv("MISTRAL_T4_REFERENCE_KERNELS", "1")
@@ -215,6 +266,28 @@ def test_fused_kernel_compiles_for_gpus(capability, mma, tmp_path):
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
         assert re.search(r"LOCAL:0\b", usage) and re.search(r"STACK:0\b", usage), f"registers spilled: {usage}"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
+    """The "cuda" backend's source, compiled here by NVRTC (a test dependency) with no GPU:
+    it compiles, keeps everything in registers, and uses the tensor cores (HMMA)."""
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    cubin = tmp_path / "nf4.cubin"
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(nf4_cuda.SOURCE, arch))
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "nf4_matmul" in usage and "nf4_dequantize" in usage
+    assert len(re.findall(r"LOCAL:0\b", usage)) == 2 and "STACK:0" in usage, usage
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    assert "HMMA.16816.F32" in sass and "LDS" in sass
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")

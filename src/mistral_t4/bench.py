@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mistral_t4 import devices, loading, models, roofline
+from mistral_t4 import devices, kernels, loading, models, roofline
 from mistral_t4.engine import Engine
 from mistral_t4.hf_engine import HFEngine
 from mistral_t4.model import FastMistral
@@ -105,7 +105,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         if name.startswith("hf-fp16"):
             continue
         if name == "mistral_t4":
-            fast = fast or FastMistral.from_hf(model)
+            fast = fast or FastMistral.from_hf(model, decode_rows=n)
             engine = Engine(fast, tokenizer, max_batch=n, max_len=prompt_len + new, compile=cfg.compile,
                             memory_cap_gib=cfg.memory_cap_gib,
                             generation_config=loading.base_model(model).generation_config)
@@ -115,11 +115,18 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         report["engines"][name] = _run_engine(engine, prompts, new, cfg.progress, log, floor, name)
         del engine
         _free(device)
-    if cfg.sweep or cfg.batch1_tokens:
-        fast = fast or FastMistral.from_hf(model)
-        report["sweep"] = [_sweep_point(fast, tokenizer, b, prompt_len, new, cfg, log) for b in cfg.sweep]
-        if cfg.batch1_tokens:
+    runs = ([("batch1", 1)] if cfg.batch1_tokens else []) + [("sweep", b) for b in cfg.sweep]
+    for kind, rows in runs:  # each with the kernels an engine of that many slots gets
+        choice = kernels.select_kernels(device, decode_rows=rows)
+        if fast is None or fast.kernel_choice != choice:
+            fast = None  # the other layout's weight copies go first
+            _free(device)
+            fast = FastMistral.from_hf(model, choice)
+            log(f"[bench] kernels for {rows} rows: {choice}")
+        if kind == "batch1":
             report["batch1"] = _batch1(fast, tokenizer, prompt_len, cfg, config, weight_bytes, bandwidth, log)
+        else:
+            report.setdefault("sweep", []).append(_sweep_point(fast, tokenizer, rows, prompt_len, new, cfg, log))
     fp16 = [e for e in cfg.engines if e.startswith("hf-fp16")]
     if fp16:
         del fast, model
@@ -159,7 +166,7 @@ def _sweep_point(fast, tokenizer, batch, prompt_len, new, cfg, log) -> dict:
         result = _run_engine(engine, prompts, new, False, log, None, f"sweep batch {batch}")
         point = {"batch": batch, **{k: result[k] for k in (
             "output_tokens_per_s", "total_tokens_per_s", "peak_memory_gib", "token_latency_p50_ms",
-            "requests_ok", "wall_s")}}
+            "requests_ok", "wall_s")}, "nf4_linear": fast.kernel_choice.get("nf4_linear")}
     except (MemoryError, torch.OutOfMemoryError) as error:
         point = {"batch": batch, "error": f"{type(error).__name__}: {error}"}
     _free(fast.device)
@@ -172,7 +179,8 @@ def _batch1(fast, tokenizer, prompt_len, cfg, config, weight_bytes, bandwidth, l
                     memory_cap_gib=cfg.memory_cap_gib)
     result = _run_engine(engine, make_prompts(tokenizer, 1, prompt_len, cfg.seed), new, False, log, None, "batch 1")
     out = {"prompt_tokens": prompt_len, "new_tokens": new, **{k: result[k] for k in (
-        "output_tokens_per_s", "token_latency_p50_ms", "token_latency_p99_ms", "ttft_p50_s", "wall_s")}}
+        "output_tokens_per_s", "token_latency_p50_ms", "token_latency_p99_ms", "ttft_p50_s", "wall_s")},
+        "kernels": dict(fast.kernel_choice)}
     if bandwidth and result["token_latency_p50_ms"]:
         step_bytes = roofline.decode_bytes_per_step(config, weight_bytes, 1, prompt_len + new / 2)
         floor_ms = step_bytes / (bandwidth * 1e9) * 1000

@@ -310,5 +310,6 @@ def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compi
     if name == "hf":
         return HFEngine(model, tokenizer, max_batch=max_batch, max_len=max_len)
     max_len = min(max_len, base_model(model).config.max_position_embeddings)
-    return Engine(FastMistral.from_hf(model), tokenizer, max_batch=max_batch, max_len=max_len, compile=compile,
+    fast = FastMistral.from_hf(model, decode_rows=max_batch)
+    return Engine(fast, tokenizer, max_batch=max_batch, max_len=max_len, compile=compile,
                   memory_cap_gib=memory_cap_gib, generation_config=base_model(model).generation_config)

@@ -170,11 +170,13 @@ class FastMistral(nn.Module):
     # ---------------------------------------------------------------- building
 
     @classmethod
-    def from_hf(cls, hf_model, kernel_choice: dict[str, str] | None = None) -> "FastMistral":
+    def from_hf(cls, hf_model, kernel_choice: dict[str, str] | None = None,
+                decode_rows: int | None = None) -> "FastMistral":
         """Take the weights of a HF `MistralForCausalLM` (or a peft model around one).
 
         Weights that are not fused are shared with the HF model, not copied; q/k/v and
-        gate/up are concatenated once.
+        gate/up are concatenated once. `decode_rows` (the engine's slots, if known) lets
+        `kernels.select_kernels` pick kernels for that batch.
         """
         from mistral_t4.loading import base_model
 
@@ -183,7 +185,7 @@ class FastMistral(nn.Module):
         if getattr(hf.config, "model_type", None) != "mistral":
             raise ValueError(f"FastMistral needs a Mistral model, got model_type={config.model_type!r}")
         device = hf.model.embed_tokens.weight.device
-        kernel_choice = kernel_choice or kernels.select_kernels(device)
+        kernel_choice = kernel_choice or kernels.select_kernels(device, decode_rows=decode_rows)
         reference = kernel_choice.get("nf4_linear") == "reference"
         adapters = _adapter_names(hf_model)
         layers = []

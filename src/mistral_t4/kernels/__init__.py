@@ -1,6 +1,6 @@
 """Kernels of the decode step, each beside its plain-PyTorch reference.
 
-    nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (Triton kernels: nf4_triton.py)
+    nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (kernels: nf4_triton.py, nf4_cuda.py)
     attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py)
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
@@ -9,8 +9,11 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
                                  tensor cores and no asynchronous copies to pipeline loads
                                  (both kernels compile there, untested on a T4)
-    sm80+ (A100, L4, H100, H200) Triton for both
-    MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug.
+    sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 8 rows per
+                                 step (`decode_rows`: the chat), nf4_linear in CUDA
+                                 (nf4_cuda.py, compiled by NVRTC) when it compiles there
+    MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
+    MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch.
 `nf4_linear` follows the backend stored in its NF4Weight; for attention, call
 `decode_attention` when the choice is "triton" and `decode_attention_reference` otherwise.
 """
@@ -37,9 +40,11 @@ __all__ = [
 ]
 
 REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
+NF4_CUDA_ENV = "MISTRAL_T4_NF4_CUDA"
 
 _DESCRIPTIONS = {
     ("nf4_linear", "triton"): "Triton NF4 GEMM, dequantized in registers",
+    ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 8 rows, table in shared memory, NVRTC",
     ("nf4_linear", "bnb"): "bitsandbytes gemm_4bit",
     ("nf4_linear", "reference"): "dequantize + F.linear",
     ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only",
@@ -47,8 +52,12 @@ _DESCRIPTIONS = {
 }
 
 
-def select_kernels(device, force_reference: bool | None = None) -> dict[str, str]:
-    """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}."""
+def select_kernels(device, force_reference: bool | None = None, decode_rows: int | None = None) -> dict[str, str]:
+    """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}.
+
+    `decode_rows`: rows of a decode step (the engine's slots), when known; at most
+    `nf4_cuda.MAX_ROWS` selects the CUDA NF4 kernel on sm80+ (it compiles it to check).
+    """
     device = torch.device(device)
     if force_reference is None:
         force_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
@@ -56,6 +65,11 @@ def select_kernels(device, force_reference: bool | None = None) -> dict[str, str
         return {"nf4_linear": "reference", "decode_attention": "reference"}
     has_triton = importlib.util.find_spec("triton") is not None
     if torch.cuda.get_device_capability(device) >= (8, 0) and has_triton:
+        from . import nf4_cuda
+
+        small = decode_rows is not None and decode_rows <= nf4_cuda.MAX_ROWS
+        if small and os.environ.get(NF4_CUDA_ENV, "1") != "0" and nf4_cuda.available(device):
+            return {"nf4_linear": "cuda", "decode_attention": "triton"}
         return {"nf4_linear": "triton", "decode_attention": "triton"}
     return {"nf4_linear": "bnb", "decode_attention": "reference"}
 

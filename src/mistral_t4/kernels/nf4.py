@@ -28,11 +28,17 @@ Byte order: bitsandbytes' own (its buffer itself, shared, no copy) for "bnb" and
 `nf4_triton.to_halves`: each step of two blocks along K keeps one block in the high
 nibbles and the next in the low ones, so a kernel tile needs one scale per row per half
 and plain contiguous slices of x (bitsandbytes' even/odd pairing costs a split of every
-tile). `dequantize` and `concat` give the same results for every backend.
+tile). For "cuda" a copy in the "fragment" order of `nf4_cuda.to_fragments` (16-row
+groups whose bytes are the tensor-core registers of each lane; scales in group order).
+`dequantize` and `concat` give the same results for every backend.
 
 Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.backend`):
     "triton"    sm80+: `nf4_triton.nf4_matmul` (dequantize in registers + tensor cores) for
                 small batches, `nf4_triton.nf4_dequantize` + cuBLAS for large ones.
+    "cuda"      sm80+ when an engine decodes <= 8 rows (chat): `nf4_cuda.nf4_matmul` (NVRTC;
+                table lookups from shared memory straight into mma.sync registers; 1.1-1.4x
+                the Triton kernel there), `nf4_cuda.nf4_dequantize` + cuBLAS for prefill.
+                Weights whose shape it cannot take (rows % 16, blocksize != 64) stay "triton".
     "bnb"       sm75 (T4): bitsandbytes' fused 4-bit GEMM, `torch.ops.bitsandbytes.gemm_4bit`.
                 Triton's `tl.dot` has no tensor cores on sm75; bitsandbytes' kernel does.
     "reference" CPU, or when forced: dequantize (bitsandbytes' kernel, tested equal to the plain
@@ -101,11 +107,7 @@ class NF4Weight:
             from . import select_kernels
 
             backend = select_kernels(packed.device)["nf4_linear"]
-        if backend == "triton":
-            from .nf4_triton import to_halves
-
-            packed = to_halves(packed, state.blocksize)
-        packed, absmax = packed.contiguous(), absmax.contiguous()
+        packed, absmax, backend = _arrange(packed.contiguous(), absmax.contiguous(), state.blocksize, backend)
         code = state.code.float().to(packed.device)
         counters = _tile_counters(out_features, packed.device)
         return cls(packed, absmax, code, code.half(), counters, state.blocksize, backend)
@@ -116,10 +118,16 @@ class NF4Weight:
         first = weights[0]
         for w in weights[1:]:
             assert w.in_features == first.in_features, "concat needs equal in_features"
-            assert w.blocksize == first.blocksize and w.backend == first.backend
+            assert w.blocksize == first.blocksize
             assert torch.equal(w.code, first.code), "concat needs the same 4-bit code table"
-        packed = torch.cat([w.packed for w in weights])  # every backend's layout is row by row
-        absmax = torch.cat([w.absmax for w in weights])
+        if all(w.backend == first.backend for w in weights):
+            packed = torch.cat([w.packed for w in weights])  # row by row ("cuda": whole 16-row groups)
+            absmax = torch.cat([w.absmax for w in weights])
+        else:  # a part fell back from "cuda" (its shape): one layout for all, from bitsandbytes' order
+            packed = torch.cat([w.bnb_packed() for w in weights])
+            absmax = torch.cat([w.row_absmax() for w in weights])
+            packed, absmax, backend = _arrange(packed, absmax, first.blocksize, "triton")
+            first = dataclasses.replace(first, backend=backend)
         counters = _tile_counters(packed.shape[0], packed.device)
         return dataclasses.replace(first, packed=packed, absmax=absmax, tile_counters=counters)
 
@@ -131,7 +139,7 @@ class NF4Weight:
         with `dequantize_plain` as the plain PyTorch definition it is tested against.
         """
         w = torch.ops.bitsandbytes.dequantize_4bit.default(
-            self.bnb_packed().reshape(-1, 1), self.absmax.reshape(-1), self.blocksize, "nf4",
+            self.bnb_packed().reshape(-1, 1), self.row_absmax().reshape(-1), self.blocksize, "nf4",
             [self.out_features, self.in_features], torch.float32,
         )
         return w.to(dtype)
@@ -142,7 +150,7 @@ class NF4Weight:
         pairs = torch.stack(torch.meshgrid(self.code, self.code, indexing="ij"), dim=-1).view(256, 2)
         values = pairs[self.bnb_packed().long()]  # (out, in // 2, 2): W / absmax, in row order
         blocks = values.reshape(self.out_features, -1, self.blocksize)  # (out, in // blocksize, blocksize)
-        w = blocks * self.absmax[:, :, None]  # fp32, as bitsandbytes computes it
+        w = blocks * self.row_absmax()[:, :, None]  # fp32, as bitsandbytes computes it
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def bnb_packed(self) -> torch.Tensor:
@@ -151,7 +159,19 @@ class NF4Weight:
             from .nf4_triton import from_halves
 
             return from_halves(self.packed, self.blocksize, self.in_features)
+        if self.backend == "cuda":
+            from .nf4_cuda import from_fragments
+
+            return from_fragments(self.packed, self.absmax)[0]
         return self.packed
+
+    def row_absmax(self) -> torch.Tensor:
+        """The (out_features, in_features // blocksize) fp32 scales in row order."""
+        if self.backend == "cuda":
+            from .nf4_cuda import from_fragments
+
+            return from_fragments(self.packed, self.absmax)[1]
+        return self.absmax
 
     def to(self, device) -> NF4Weight:
         return dataclasses.replace(
@@ -168,6 +188,22 @@ class NF4Weight:
         if dtype == torch.float16:
             return self.code_fp16
         return self.code.to(dtype)
+
+
+def _arrange(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, backend: str):
+    """bitsandbytes' (N, K/2) bytes + row-major fp32 scales -> the backend's layout (and the backend:
+    "cuda" becomes "triton" for a shape the CUDA kernel does not take)."""
+    if backend == "cuda":
+        from . import nf4_cuda
+
+        if nf4_cuda.supports(packed.shape[0], packed.shape[1] * 2, blocksize):
+            return *nf4_cuda.to_fragments(packed, absmax), backend
+        backend = "triton"
+    if backend == "triton":
+        from .nf4_triton import to_halves
+
+        return to_halves(packed, blocksize), absmax, backend
+    return packed, absmax, backend
 
 
 def _tile_counters(out_features: int, device) -> torch.Tensor:
@@ -206,6 +242,10 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         return torch.ops.bitsandbytes.gemm_4bit.default(
             x, w.packed.view(-1, 1), [w.out_features, w.in_features], w.absmax.view(-1), w.blocksize, "nf4"
         )
+    if w.backend == "cuda":
+        rows = x.reshape(-1, w.in_features)
+        out = torch.ops.mistral_t4.nf4_linear_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+        return out.view(*x.shape[:-1], w.out_features)
     assert w.backend == "triton", f"unknown NF4 backend {w.backend!r}"
     rows = x.reshape(-1, w.in_features)  # (M, K)
     out = torch.ops.mistral_t4.nf4_linear(
@@ -237,4 +277,30 @@ def _nf4_linear_cuda(
 
 @_nf4_linear_cuda.register_fake
 def _(x, packed, absmax, code, code_x, tile_counters, blocksize):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.custom_op("mistral_t4::nf4_linear_fragments", mutates_args=())
+def _nf4_linear_fragments(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code_fp16: torch.Tensor,
+    tile_counters: torch.Tensor,
+) -> torch.Tensor:
+    """x (M, K) -> (M, N) for the "cuda" backend (tile_counters: see `mistral_t4::nf4_linear`)."""
+    from . import nf4_cuda
+
+    if x.dtype == torch.float16 and x.shape[0] <= nf4_cuda.MAX_ROWS:
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters)
+    if x.dtype == torch.float16:
+        weight = nf4_cuda.nf4_dequantize(packed, absmax, code)
+    else:
+        weight = NF4Weight(packed, absmax, code, code_fp16, tile_counters, nf4_cuda.BLOCKSIZE, "cuda").dequantize(x.dtype)
+    return F.linear(x, weight)
+
+
+@_nf4_linear_fragments.register_fake
+def _(x, packed, absmax, code, code_fp16, tile_counters):
     return x.new_empty(x.shape[0], packed.shape[0])

@@ -1,0 +1,427 @@
+"""CUDA kernels for NF4 weights at a few rows (sm80+): compiled at run time by NVRTC.
+
+Reference: `nf4.py`. Used by the "cuda" backend, which `kernels.select_kernels` picks on
+sm80+ when an engine decodes at most `MAX_ROWS` rows per step (the chat, the interactive
+mode); larger batches keep the Triton kernel, which wins from 16 rows up.
+
+Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
+`prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
+fp32 rate), and the dequantized tile goes through shared memory to reach the tensor
+cores. This kernel, per 2 weights: 2 integer ops (an address), one shared-memory load, one
+fp16x2 multiply, and the result is already a tensor-core register:
+  * a byte -> half2 table in shared memory: entry b = (code[b & 15], code[b >> 4]) in fp16,
+    32 copies side by side (32 KB) so that lane l always reads bank l: no conflicts;
+  * `mma.sync.m16n8k16` with the weights as operand A straight from those registers, x as
+    operand B (one column tile of 8 rows: M <= 8);
+  * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
+    partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
+  * a ring of 4 loads in flight per warp (128-bit weight loads that skip L1).
+Measured: on an H200 with the best split per shape (bench/experiments/nf4_cuda.py) 1.41x
+the Triton kernel per layer at 1 row, 1.26x at 8, even at 16, slower above (each warp
+reloads x for every 16 weight rows, and mma.sync runs at half the rate of Hopper's wgmma);
+on an H100 with `matmul_split` (bench/results/h100_2026-11-26_nf4_cuda/) 1.14x / 1.10x for
+a decode step's NF4 matmuls, batch-1 decode 4.22 -> 3.71 ms per token.
+
+Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
+rows in groups of 16 (G), K in blocks of 64 (b). Per (G, b) 512 bytes; lane l = 4g + c of a
+warp owns bytes 16l .. 16l + 15: word t (0..3), byte j = 2h + rh holds the two weights of
+row 16G + g + 8rh at k = 64b + 16c + 4t + 2h (low nibble) and k + 1 (high nibble). Those
+are exactly the A registers of the t-th m16n8k16 MMA if the MMA's K slots are mapped to
+physical k in the same order for x, which then reads its 16 values at 64b + 16c .. + 15,
+contiguous (a dot product does not care about the order of its terms). Scales: fp32, per
+(G, b) the 8 pairs (absmax of row g, absmax of row g + 8). Both tensors keep the shapes
+(N, K/2) and (N, K/64) so that `NF4Weight` reads the sizes as for every backend; rows of
+two weights concatenate by concatenating memory (groups never straddle weights: N % 16 == 0).
+
+`nf4_dequantize` (prefill): W (N, K) in fp16, bit-identical to the reference, for cuBLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import threading
+
+import torch
+
+BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
+GROUP = 16  # weight rows per MMA tile
+MAX_ROWS = 8  # rows of x per call (one 8-wide MMA column tile)
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: skip L1
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 ld_pair(const uint2* p) {
+    uint2 r;
+    asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_x(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+    return r;
+}
+__device__ __forceinline__ u32 to_half2(u32 lo_bits, u32 hi_bits) {  // two fp32 (as bits) -> fp16x2, round to nearest
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(hi_bits)), "f"(__uint_as_float(lo_bits)));
+    return r;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 word(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ u16 to_half(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+#define RING 4
+
+// out (M, N) = x (M, K) @ W.T for M <= 8. Grid (cdiv(N / 16, 4), split_k), 128 threads: warp w of
+// block x owns row group 4x + w; block y a K range. counters: >= gridDim.x ints, zero on entry/exit.
+extern "C" __global__ void __launch_bounds__(128) nf4_matmul(
+        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
+        const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
+        int M, int N, int K, int stride_xm, int stride_om, int split_k) {
+    __shared__ __align__(16) u32 lut[256 * 32];
+    __shared__ int is_last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    #pragma unroll 4
+    for (int r = 0; r < 16; r++) {  // row b of the table: 8 threads write its 32 copies, 4 words each
+        const int b = 16 * r + (tid >> 3);
+        const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
+        *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+    const int n_groups = N >> 4;
+    const int G = blockIdx.x * 4 + warp;
+    const int nb = K >> 6;
+    const int per = (nb + split_k - 1) / split_k;
+    const int kb0 = blockIdx.y * per;
+    const int kb1 = min(kb0 + per, nb);
+    const int g = lane >> 2, c = lane & 3;
+    const char* lut_lane = (const char*)lut + (lane << 2);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (G < n_groups) {
+        const uint4* wp = wq + (size_t)G * nb * 32 + lane;
+        const uint2* sp = scales + (size_t)G * nb * 8 + g;
+        const bool has_x = g < M;  // lane row g of the B tile is x's row g
+        const uint4* xp = (const uint4*)(x + (size_t)(has_x ? g : 0) * stride_xm + c * 16);
+        uint4 wr[RING];
+        uint2 sr[RING];
+        #pragma unroll
+        for (int d = 0; d < RING; d++) {
+            const int b = kb0 + d;
+            if (b < kb1) { wr[d] = ld_stream(wp + (size_t)b * 32); sr[d] = ld_pair(sp + (size_t)b * 8); }
+        }
+        for (int b0 = kb0; b0 < kb1; b0 += RING) {
+            #pragma unroll
+            for (int d = 0; d < RING; d++) {
+                const int b = b0 + d;
+                if (b < kb1) {
+                    const uint4 w = wr[d];
+                    const uint2 s = sr[d];
+                    if (b + RING < kb1) { wr[d] = ld_stream(wp + (size_t)(b + RING) * 32); sr[d] = ld_pair(sp + (size_t)(b + RING) * 8); }
+                    uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+                    if (has_x) { x0 = ld_x(xp + b * 8); x1 = ld_x(xp + b * 8 + 1); }
+                    const u32 s2 = to_half2(s.x, s.y);  // (absmax row g, absmax row g + 8)
+                    const u32 s_g = prmt(s2, s2, 0x1010), s_g8 = prmt(s2, s2, 0x3232);
+                    #pragma unroll
+                    for (int t = 0; t < 4; t++) {
+                        const u32 q = word(w, t);  // byte j -> offset 128 * byte (+ 4 * lane): its table row
+                        const u32 a0 = hmul2(*(const u32*)(lut_lane + ((q << 7) & 0x7F80)), s_g);
+                        const u32 a1 = hmul2(*(const u32*)(lut_lane + ((q >> 1) & 0x7F80)), s_g8);
+                        const u32 a2 = hmul2(*(const u32*)(lut_lane + ((q >> 9) & 0x7F80)), s_g);
+                        const u32 a3 = hmul2(*(const u32*)(lut_lane + ((q >> 17) & 0x7F80)), s_g8);
+                        const uint4 xv = t < 2 ? x0 : x1;
+                        mma(acc, a0, a1, a2, a3, word(xv, (2 * t) & 3), word(xv, (2 * t + 1) & 3));
+                    }
+                }
+            }
+        }
+    }
+    // acc[2h + e] = out[m = 2c + e, n = 16G + g + 8h]
+    if (split_k == 1) {
+        if (G < n_groups) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
+                if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[i]);
+            }
+        }
+        return;
+    }
+    if (G < n_groups) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
+            if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[i];
+        }
+    }
+    __threadfence();  // every partial of this block is visible before the counter says so
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (G < n_groups) {
+        for (int i = 0; i < 4; i++) {
+            const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
+            if (m < M) {
+                float total = 0.f;
+                for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
+                    const float* p = partial + ((size_t)k * M + m) * N + n;
+                    float v;
+                    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+                    total += v;
+                }
+                out[(size_t)m * stride_om + n] = to_half(total);
+            }
+        }
+    }
+    if (tid == 0) counters[blockIdx.x] = 0;
+}
+
+// W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
+// 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
+        const uint4* __restrict__ wq, const float2* __restrict__ scales, const float* __restrict__ code,
+        u16* __restrict__ out, int N, int K) {
+    const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (G, b, lane)
+    const int nb = K >> 6;
+    if (chunk >= (long long)(N >> 4) * nb * 32) return;
+    const int lane = (int)(chunk & 31), g = lane >> 2, c = lane & 3;
+    const long long gb = chunk >> 5;
+    const int G = (int)(gb / nb), b = (int)(gb % nb);
+    const uint4 w = wq[chunk];
+    const float2 s = scales[gb * 8 + g];
+    __align__(16) u16 row0[16], row1[16];
+    #pragma unroll
+    for (int t = 0; t < 4; t++) {
+        const u32 q = word(w, t);
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 byte = (q >> (8 * j)) & 0xFF;
+            const int h = j >> 1, k = 4 * t + 2 * h;
+            u16* row = (j & 1) ? row1 : row0;
+            const float scale = (j & 1) ? s.y : s.x;
+            row[k] = to_half(code[byte & 15] * scale);
+            row[k + 1] = to_half(code[byte >> 4] * scale);
+        }
+    }
+    u16* dst = out + (size_t)(G * 16 + g) * K + b * 64 + c * 16;
+    *(uint4*)dst = *(uint4*)row0;
+    *((uint4*)dst + 1) = *((uint4*)row0 + 1);
+    dst += (size_t)8 * K;
+    *(uint4*)dst = *(uint4*)row1;
+    *((uint4*)dst + 1) = *((uint4*)row1 + 1);
+}
+"""
+
+
+# ---------------------------------------------------------------- layout (any device, plain PyTorch)
+
+
+def supports(out_features: int, in_features: int, blocksize: int) -> bool:
+    """The fragment layout needs whole 16-row groups and 64-weight blocks."""
+    return blocksize == BLOCKSIZE and out_features % GROUP == 0 and in_features % BLOCKSIZE == 0
+
+
+def to_fragments(packed: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' (N, K/2) bytes + (N, K/64) fp32 scales -> the fragment layout, same shapes."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    assert absmax.shape == (n, k // BLOCKSIZE) and supports(n, k, BLOCKSIZE), f"no fragment layout for {n}x{k}"
+    groups, blocks = n // GROUP, k // BLOCKSIZE
+    q = torch.stack([packed >> 4, packed & 0xF], dim=-1)  # 4-bit indices in K order
+    # (G, rh, g, b, c, t, h, e) -> (G, b, g, c, t, h, rh, e); rows 16G + 8rh + g, k 64b + 16c + 4t + 2h + e
+    q = q.view(groups, 2, 8, blocks, 4, 4, 2, 2).permute(0, 3, 2, 4, 5, 6, 1, 7)
+    fragments = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(n, k // 2)
+    scales = absmax.view(groups, 2, 8, blocks).permute(0, 3, 2, 1).contiguous().view(n, blocks)
+    return fragments, scales
+
+
+def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fragment layout -> bitsandbytes' (N, K/2) bytes and row-major (N, K/64) scales."""
+    n, k = fragments.shape[0], fragments.shape[1] * 2
+    groups, blocks = n // GROUP, k // BLOCKSIZE
+    f = fragments.view(groups, blocks, 8, 4, 4, 2, 2)  # (G, b, g, c, t, h, rh)
+    q = torch.stack([f & 0xF, f >> 4], dim=-1)  # (..., e)
+    q = q.permute(0, 6, 2, 1, 3, 4, 5, 7).reshape(n, k)  # (G, rh, g, b, c, t, h, e)
+    packed = ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+    absmax = scales.view(groups, blocks, 8, 2).permute(0, 3, 2, 1).reshape(n, blocks).contiguous()
+    return packed, absmax
+
+
+def matmul_split(n: int, k: int, sm_count: int) -> int:
+    """Split-K: the smallest power of two giving 3.5 blocks of 4 warps per SM, 4+ K blocks each.
+
+    From the H200 sweep of bench/experiments/nf4_cuda.py (decode shapes, 1 and 8 rows):
+    within 0-12% of the best split per shape."""
+    tiles = -(-n // (4 * GROUP))
+    blocks = k // BLOCKSIZE
+    split = 1
+    while tiles * split < 3.5 * sm_count and blocks >= 8 * split and split < 16:
+        split *= 2
+    return split
+
+
+# ---------------------------------------------------------------- NVRTC + driver API (GPU only)
+
+
+class _Module:
+    """The kernels compiled by NVRTC for one device, launched through the CUDA driver API."""
+
+    def __init__(self, device: torch.device):
+        major, minor = torch.cuda.get_device_capability(device)
+        self.cubin = _nvrtc_compile(SOURCE, f"sm_{major}{minor}")
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        with torch.cuda.device(device):
+            torch.empty(1, device=device)  # the primary context exists and is current
+            self.module = ctypes.c_void_p()
+            _check(self.cuda, self.cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
+        self.functions = {}
+        for name in ("nf4_matmul", "nf4_dequantize"):
+            f = ctypes.c_void_p()
+            _check(self.cuda, self.cuda.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), name)
+            self.functions[name] = f
+
+    def launch(self, name: str, grid: tuple[int, int], block: int, args: list) -> None:
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        rc = self.cuda.cuLaunchKernel(self.functions[name], grid[0], grid[1], 1, block, 1, 1, 0, stream, pointers, None)
+        _check(self.cuda, rc, f"launch of {name}")
+
+
+def _check(cuda, rc: int, what: str) -> None:
+    if rc != 0:
+        message = ctypes.c_char_p()
+        cuda.cuGetErrorString(rc, ctypes.byref(message))
+        raise RuntimeError(f"CUDA driver: {what} failed: {rc} {message.value and message.value.decode()}")
+
+
+def nvrtc_library() -> str | None:
+    """Path of NVRTC: PyTorch's CUDA wheels ship it (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib, torch/lib)."""
+    roots = [os.path.join(torch.__path__[0], "lib")]
+    site = os.path.dirname(torch.__path__[0])
+    roots += glob.glob(os.path.join(site, "nvidia", "*", "lib")) + [os.path.join(site, "nvidia", "lib")]
+    for root in roots:
+        hits = sorted(glob.glob(os.path.join(root, "libnvrtc.so*")) + glob.glob(os.path.join(root, "libnvrtc-*.so*")))
+        hits = [h for h in hits if "builtins" not in h and ".alt." not in h]
+        if hits:
+            return hits[-1]
+    for name in ("libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"):  # a system CUDA toolkit
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+def _nvrtc_compile(source: str, arch: str) -> bytes:
+    path = nvrtc_library()
+    if path is None:
+        raise RuntimeError("NVRTC not found (it comes with PyTorch's CUDA wheels or a CUDA toolkit)")
+    nvrtc = ctypes.CDLL(path)
+    program = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"nf4_cuda.cu", 0, None, None) != 0:
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        rc = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC ({path}) could not compile the NF4 kernels for {arch}: {log.value.decode()}")
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        if nvrtc.nvrtcGetCUBIN(program, cubin) != 0:
+            raise RuntimeError("nvrtcGetCUBIN failed")
+        return cubin.raw
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _module_cached(index: int) -> _Module:
+    return _Module(torch.device("cuda", index))
+
+
+def module(device: torch.device) -> _Module:
+    """The compiled kernels for `device` (compiled on first use, a few seconds; then cached)."""
+    with _LOCK:
+        return _module_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def available(device) -> bool:
+    """Whether the kernels compile and load on `device` (sm80+ with NVRTC); never raises."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    try:
+        module(device)
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
+               tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x (M <= 8, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4 table."""
+    m, k = x.shape
+    n = fragments.shape[0]
+    assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
+    assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
+    assert tile_counters.numel() >= -(-n // (4 * GROUP)), "one counter per block of 64 rows"
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows must allow 16-byte loads
+        x = x.contiguous()
+    from . import multiprocessor_count
+
+    if split_k is None:
+        split_k = matmul_split(n, k, multiprocessor_count(x.device))
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (-(-n // (4 * GROUP)), split_k)
+    module(x.device).launch("nf4_matmul", grid, 128, [x, fragments, scales, code_fp16, out, partial, tile_counters,
+                                                      m, n, k, x.stride(0), out.stride(0), split_k])
+    return out
+
+
+def nf4_dequantize(fragments: torch.Tensor, scales: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """(N, K) fp16 row-major, equal to `NF4Weight.dequantize(torch.float16)`; `code` is the fp32 table."""
+    n, k = fragments.shape[0], fragments.shape[1] * 2
+    out = torch.empty((n, k), dtype=torch.float16, device=fragments.device)
+    chunks = (n // GROUP) * (k // BLOCKSIZE) * 32
+    module(fragments.device).launch("nf4_dequantize", (-(-chunks // 256), 1), 256,
+                                    [fragments, scales, code, out, n, k])
+    return out
