@@ -18,7 +18,8 @@ through shared memory to reach the tensor cores. Here instead:
     resets its counter); a 2-4 deep register ring of weight loads; NG groups of 16 weight
     rows per warp share x; MT = ceil(M / 8) column tiles of the MMA.
 The launcher needs no CUDA toolkit: NVRTC (shipped with PyTorch's CUDA wheels) compiles the
-source, the driver API (ctypes) loads and launches it on PyTorch's current stream.
+source, the driver API (ctypes) loads and launches it on PyTorch's current stream (the
+package's `mistral_t4.kernels.nf4_cuda._Module`, which grew out of this experiment).
 
 Result (H200, torch 2.11 + CUDA 13 NVRTC; bench/experiments/nf4_cuda_h200_2026-11-26.json;
 CUDA-graph replay with L2 flushed, best split/ring/NG per shape): correct (relative error
@@ -34,7 +35,6 @@ every decode batch; today it would only serve batch <= 8 (the chat), and it need
 copy of the weights in the fragment layout.
 """
 import ctypes
-import glob
 import json
 import os
 import sys
@@ -238,71 +238,17 @@ KERNEL(4, 2, 1) KERNEL(4, 2, 2) KERNEL(4, 2, 4) KERNEL(8, 2, 1) KERNEL(8, 2, 2) 
 """
 
 
-def _find_lib(patterns):
-    roots = [os.path.join(torch.__path__[0], "lib")]
-    import site
-    for sp in site.getsitepackages() + [os.path.dirname(torch.__path__[0])]:
-        roots += glob.glob(os.path.join(sp, "nvidia", "*", "lib")) + glob.glob(os.path.join(sp, "nvidia", "lib"))
-    for root in roots:
-        for pat in patterns:
-            hits = sorted(glob.glob(os.path.join(root, pat)))
-            if hits:
-                return hits[-1]
-    return None
+def Module(src=SRC, arch=None):
+    """The package's NVRTC compile + driver-API launcher (`mistral_t4.kernels.nf4_cuda._Module`) over `src`."""
+    from mistral_t4.kernels import nf4_cuda
+
+    return nf4_cuda._Module(torch.device("cuda"), src, arch)
 
 
-class Module:
-    def __init__(self, src=SRC, arch=None):
-        major, minor = torch.cuda.get_device_capability()
-        arch = arch or f"sm_{major}{minor}"
-        path = _find_lib(["libnvrtc.so*", "libnvrtc-*.so*"])
-        self.nvrtc_path = path
-        nvrtc = ctypes.CDLL(path)
-        prog = ctypes.c_void_p()
-        assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"nf4.cu", 0, None, None) == 0
-        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"-lineinfo"]
-        arr = (ctypes.c_char_p * len(opts))(*opts)
-        rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
-        size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        self.log = log.value.decode(errors="replace")
-        if rc != 0:
-            raise RuntimeError("nvrtc: " + self.log)
-        nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        assert nvrtc.nvrtcGetCUBIN(prog, cubin) == 0
-        self.cubin = cubin.raw
-        self.cuda = cuda = ctypes.CDLL("libcuda.so.1")
-        torch.cuda.init(); torch.zeros(1, device="cuda")
-        self.module = ctypes.c_void_p()
-        assert cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin) == 0
-        self.funcs = {}
-
-    def func(self, name):
-        if name not in self.funcs:
-            f = ctypes.c_void_p()
-            assert self.cuda.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()) == 0, name
-            self.funcs[name] = f
-        return self.funcs[name]
-
-    def regs(self, name):
-        v = ctypes.c_int()
-        self.cuda.cuFuncGetAttribute(ctypes.byref(v), 4, self.func(name))  # CU_FUNC_ATTRIBUTE_NUM_REGS
-        return v.value
-
-    def launch(self, name, grid, block, args):
-        vals = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                vals.append(ctypes.c_void_p(a.data_ptr()))
-            else:
-                vals.append(ctypes.c_int(a))
-        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        rc = self.cuda.cuLaunchKernel(self.func(name), grid[0], grid[1], 1, block, 1, 1, 0, stream, ptrs, None)
-        assert rc == 0, f"cuLaunchKernel {rc}"
+def registers(mod, name):
+    count = ctypes.c_int()
+    mod.cuda.cuFuncGetAttribute(ctypes.byref(count), 4, mod.function(name))  # CU_FUNC_ATTRIBUTE_NUM_REGS
+    return count.value
 
 
 def repack(q_idx, absmax, out_features):
@@ -365,11 +311,13 @@ def main():
 
     from mistral_t4.kernels import NF4Weight, nf4_triton
 
+    from mistral_t4.kernels.nf4_cuda import nvrtc_library
+
     start = time.time()
     mod = Module()
-    print(f"NVRTC {mod.nvrtc_path}: compiled in {time.time() - start:.1f} s {mod.log[:500]}", flush=True)
+    print(f"NVRTC {nvrtc_library()}: compiled in {time.time() - start:.1f} s", flush=True)
     for mt, variants in VARIANTS.items():
-        print(f"MT={mt} registers:", [(v, mod.regs(f"nf4_mma_{mt}_{v[0]}_{v[1]}")) for v in variants], flush=True)
+        print(f"MT={mt} registers:", [(v, registers(mod, f"nf4_mma_{mt}_{v[0]}_{v[1]}")) for v in variants], flush=True)
     dev = torch.device("cuda")
     time_ms = timer(dev)
     failures = 0
@@ -422,7 +370,7 @@ def main():
         print(f"per layer M={m}: triton {triton_total * 1e3:.1f} us, cuda {cuda_total * 1e3:.1f} us, "
               f"x{triton_total / cuda_total:.2f}", flush=True)
     if os.environ.get("OUT"):
-        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, nvrtc=mod.nvrtc_path,
+        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, nvrtc=nvrtc_library(),
                       date=time.strftime("%Y-%m-%d"))
         with open(os.path.join(os.environ["OUT"], "nf4_cuda.json"), "w") as f:
             json.dump(dict(system=system, failures=failures, results=results), f, indent=1)

@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE); sys.path.insert(0, os.path.join(HERE, ".."))
 import torch
-import nf4_cuda as exp  # bench/experiments/nf4_cuda.py: NVRTC + launcher
+import nf4_cuda as exp  # bench/experiments/nf4_cuda.py: Module (NVRTC + launcher), registers
 
 HEAD = r"""
 typedef unsigned int u32;
@@ -218,7 +218,7 @@ if __name__ == "__main__":
     from mistral_t4.kernels import NF4Weight, nf4_triton
     mod = exp.Module(src=source(), arch="sm_90a")
     for mt in (2, 4):
-        print("wg", mt, "regs", mod.regs(f"wg_{mt}"), flush=True)
+        print("wg", mt, "regs", exp.registers(mod, f"wg_{mt}"), flush=True)
     dev = torch.device("cuda"); t = timer(dev)
     # which (lbo, sbo) is right
     w = NF4Weight.from_bnb(random_param(256, 128, dev), backend="cuda")

@@ -291,27 +291,32 @@ def matmul_split(n: int, k: int, sm_count: int) -> int:
 
 
 class _Module:
-    """The kernels compiled by NVRTC for one device, launched through the CUDA driver API."""
+    """CUDA C++ `source` compiled by NVRTC for one device (or `arch`), launched through the driver API."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, source: str = SOURCE, arch: str | None = None):
         major, minor = torch.cuda.get_device_capability(device)
-        self.cubin = _nvrtc_compile(SOURCE, f"sm_{major}{minor}")
+        self.cubin = _nvrtc_compile(source, arch or f"sm_{major}{minor}")
         self.cuda = ctypes.CDLL("libcuda.so.1")
         with torch.cuda.device(device):
             torch.empty(1, device=device)  # the primary context exists and is current
             self.module = ctypes.c_void_p()
             _check(self.cuda, self.cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
         self.functions = {}
-        for name in ("nf4_matmul", "nf4_dequantize"):
+
+    def function(self, name: str) -> ctypes.c_void_p:
+        if name not in self.functions:
             f = ctypes.c_void_p()
             _check(self.cuda, self.cuda.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), name)
             self.functions[name] = f
+        return self.functions[name]
 
     def launch(self, name: str, grid: tuple[int, int], block: int, args: list) -> None:
+        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints."""
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        rc = self.cuda.cuLaunchKernel(self.functions[name], grid[0], grid[1], 1, block, 1, 1, 0, stream, pointers, None)
+        function = self.function(name)
+        rc = self.cuda.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, 0, stream, pointers, None)
         _check(self.cuda, rc, f"launch of {name}")
 
 
@@ -373,7 +378,10 @@ _LOCK = threading.Lock()
 
 @functools.cache
 def _module_cached(index: int) -> _Module:
-    return _Module(torch.device("cuda", index))
+    module = _Module(torch.device("cuda", index))
+    for name in ("nf4_matmul", "nf4_dequantize"):  # looked up now, not during a CUDA-graph capture
+        module.function(name)
+    return module
 
 
 def module(device: torch.device) -> _Module:
