@@ -10,11 +10,13 @@ operand B is x, staged once per 64-wide K block in shared memory (no swizzle, K-
 8x8 core matrices, leading byte offset 128 between the two along K, stride byte offset 256
 between those along N -- the swapped assignment gives garbage, checked below), with x's
 K order permuted as the weights' is. x for the next block is loaded into registers while
-this block's lookups and MMAs run, then stored (one barrier per block).
+this block's lookups and MMAs run, then stored (one barrier per block); 2, 4 or 8 blocks of
+weights in flight per warp (RING).
 
 Result (H200, bench/experiments/nf4_wgmma_h200_2026-11-26.json): correct (relative error
-3.8e-4, odd shapes, split-K), but per layer 0.91x the Triton kernel at 16 rows and 0.82x at
-32 (x staged without the prefetch: 0.64x at 32). One barrier and one wgmma wait per 64-wide
+3.8e-4, odd shapes, split-K), but per layer 0.95x the Triton kernel at 16 rows and 0.88x at
+32 (best split and ring per shape; gate_up at 32 rows even, 64.3 vs 63.9 us, with 4 blocks
+in flight; 2 in flight: 0.82x at 32; x staged without the prefetch: 0.64x). One barrier and one wgmma wait per 64-wide
 K block serialize the block; closing the gap needs several K blocks per barrier (dynamic
 shared memory beyond 48 KB), the MMA overlapped with the next block's lookups (registers
 pinned across an asynchronous wgmma), or a producer warp feeding x through TMA.
@@ -102,9 +104,9 @@ __device__ __forceinline__ void body(const u16* __restrict__ x, const uint4* __r
     const u32 xs0 = smem_addr(&xs[0][0][0]);
     constexpr int SLICE = MT * 8 * 32;
     __syncthreads();
-    uint4 wr[2]; uint2 sr[2];
+    uint4 wr[RING]; uint2 sr[RING];
     #pragma unroll
-    for (int dd = 0; dd < 2; dd++) { const int b = kb0 + dd; if (b < kb1) { wr[dd] = ld_stream(wp + (size_t)b * 32); sr[dd] = *(const uint2*)(sp + (size_t)b * 8); } }
+    for (int dd = 0; dd < RING; dd++) { const int b = kb0 + dd; if (b < kb1) { wr[dd] = ld_stream(wp + (size_t)b * 32); sr[dd] = *(const uint2*)(sp + (size_t)b * 8); } }
     constexpr int XC = MT / 2;  // x chunks (16 B) per thread per block: MT * 64 / 128
     uint4 xn[XC];
     #define LOAD_X(bb) { _Pragma("unroll") for (int j = 0; j < XC; j++) { const int i = tid + 128 * j, n = i >> 3, ch = i & 7; \
@@ -115,13 +117,13 @@ __device__ __forceinline__ void body(const u16* __restrict__ x, const uint4* __r
             sts32(base, word(xn[j], 2 * tt)); sts32(base + 128, word(xn[j], 2 * tt + 1)); } } \
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); __syncthreads(); }
     if (kb0 < kb1) { LOAD_X(kb0); STORE_X(kb0); }
-    for (int b0 = kb0; b0 < kb1; b0 += 2) {
+    for (int b0 = kb0; b0 < kb1; b0 += RING) {
         #pragma unroll
-        for (int dd = 0; dd < 2; dd++) {
+        for (int dd = 0; dd < RING; dd++) {
             const int b = b0 + dd;
             if (b < kb1) {
                 const uint4 w = wr[dd]; const uint2 s = sr[dd];
-                if (b + 2 < kb1) { wr[dd] = ld_stream(wp + (size_t)(b + 2) * 32); sr[dd] = *(const uint2*)(sp + (size_t)(b + 2) * 8); }
+                if (b + RING < kb1) { wr[dd] = ld_stream(wp + (size_t)(b + RING) * 32); sr[dd] = *(const uint2*)(sp + (size_t)(b + RING) * 8); }
                 if (b + 1 < kb1) LOAD_X(b + 1);
                 const u32 buf = xs0 + (b & 1) * 4 * SLICE;
                 u32 s2; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(s2) : "f"(__uint_as_float(s.y)), "f"(__uint_as_float(s.x)));
@@ -191,23 +193,24 @@ def source():
     for mt in (2, 4):
         s += wgmma_fn(mt)
     for mt in (2, 4):
-        s += BODY.replace("template <int MT>", f"// MT={mt}").replace("MT", str(mt)).replace("WG_BLOCK", f"wg_block_{mt}").replace("body(", f"body_{mt}(")
-        s += f"""
-extern "C" __global__ void __launch_bounds__(128) wg_{mt}(const u16* x, const uint4* wq, const u32* scales, const u16* code,
+        for ring in (2, 4, 8):
+            s += BODY.replace("template <int MT>", f"// MT={mt} RING={ring}").replace("RING", str(ring)).replace("MT", str(mt)).replace("WG_BLOCK", f"wg_block_{mt}").replace("body(", f"body_{mt}_{ring}(")
+            s += f"""
+extern "C" __global__ void __launch_bounds__(128) wg_{mt}_{ring}(const u16* x, const uint4* wq, const u32* scales, const u16* code,
         u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, int split_k, int lbo, int sbo) {{
-    body_{mt}(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, lbo, sbo); }}
+    body_{mt}_{ring}(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, lbo, sbo); }}
 """
     return s
 
 
-def matmul(mod, x, frag, scales, code16, counters, n, split_k, lbo, sbo, out=None):
+def matmul(mod, x, frag, scales, code16, counters, n, split_k, lbo, sbo, out=None, ring=2):
     m, k = x.shape
     mt = 2 if m <= 16 else 4
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = ((n // 16 + 3) // 4, split_k)
-    mod.launch(f"wg_{mt}", grid, 128, [x, frag, scales, code16, out, partial, counters, m, n, k, x.stride(0), out.stride(0), split_k, lbo, sbo])
+    mod.launch(f"wg_{mt}_{ring}", grid, 128, [x, frag, scales, code16, out, partial, counters, m, n, k, x.stride(0), out.stride(0), split_k, lbo, sbo])
     return out
 
 
@@ -218,7 +221,7 @@ if __name__ == "__main__":
     from mistral_t4.kernels import NF4Weight, nf4_triton
     mod = exp.Module(src=source(), arch="sm_90a")
     for mt in (2, 4):
-        print("wg", mt, "regs", exp.registers(mod, f"wg_{mt}"), flush=True)
+        print("wg", mt, "regs", [exp.registers(mod, f"wg_{mt}_{r}") for r in (2, 4, 8)], flush=True)
     dev = torch.device("cuda"); t = timer(dev)
     # which (lbo, sbo) is right
     w = NF4Weight.from_bnb(random_param(256, 128, dev), backend="cuda")
@@ -244,9 +247,9 @@ if __name__ == "__main__":
         for m in (9, 16, 17, 31, 32):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ wf.T
-            for sk in (1, 3, 8):
+            for sk, ring in ((1, 2), (3, 4), (8, 8), (1, 8)):
                 out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo, out=out)
+                matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo, out=out, ring=ring)
                 torch.cuda.synchronize()
                 e = rel_error(out, ref); z = int(w.tile_counters.abs().sum())
                 if not (e < 2e-3 and z == 0):
@@ -263,11 +266,12 @@ if __name__ == "__main__":
             tri = t(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16, wt.tile_counters, 64))
             rows = []
             for sk in (1, 2, 4, 8, 16):
-                fn = lambda: matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo)
-                e = rel_error(fn(), ref)
-                rows.append((t(fn), sk, e))
+                for ring in (2, 4, 8):
+                    fn = lambda: matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo, ring=ring)
+                    e = rel_error(fn(), ref)
+                    rows.append((t(fn), (sk, ring), e))
             rows.sort()
-            results.append(dict(shape=name, m=m, triton_ms=tri, wgmma=[dict(ms=r[0], split_k=r[1], err=r[2]) for r in rows]))
+            results.append(dict(shape=name, m=m, triton_ms=tri, wgmma=[dict(ms=r[0], split_k=r[1][0], ring=r[1][1], err=r[2]) for r in rows]))
             tt = tot.setdefault(m, [0, 0]); tt[0] += tri; tt[1] += rows[0][0]
             print(f"{name} M={m}: triton {tri*1e3:.1f} us, wgmma {rows[0][0]*1e3:.1f} us (sk{rows[0][1]}, err {rows[0][2]:.1e}); "
                   + ", ".join(f"{r[0]*1e3:.1f}(sk{r[1]})" for r in rows[1:3]), flush=True)
