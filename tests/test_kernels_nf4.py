@@ -268,6 +268,19 @@ def test_fused_kernel_compiles_for_gpus(capability, mma, tmp_path):
         assert re.search(r"LOCAL:0\b", usage) and re.search(r"STACK:0\b", usage), f"registers spilled: {usage}"
 
 
+def test_cuda_split_rule():
+    """Splits of the Mistral-7B decode shapes on a 132-SM card (the sweep's best, H200), and the
+    rule's bounds: a power of two up to 16, at least 4 K blocks per split."""
+    from mistral_t4.kernels.nf4_cuda import matmul_split
+
+    chosen = {name: matmul_split(n, k, 132) for name, k, n in [
+        ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
+    assert chosen == {"qkv": 8, "o": 8, "gate_up": 1, "down": 8}
+    for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1)]:
+        split = matmul_split(n, k, sms)
+        assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
 def test_cuda_kernels_compile_for_gpus(arch, tmp_path):

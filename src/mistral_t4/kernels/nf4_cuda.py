@@ -18,9 +18,10 @@ fp16x2 multiply, and the result is already a tensor-core register:
   * a ring of 4 loads in flight per warp (128-bit weight loads that skip L1).
 Measured: on an H200 with the best split per shape (bench/experiments/nf4_cuda.py) 1.41x
 the Triton kernel per layer at 1 row, 1.26x at 8, even at 16, slower above (each warp
-reloads x for every 16 weight rows, and mma.sync runs at half the rate of Hopper's wgmma);
-on an H100 with `matmul_split` (bench/results/h100_2026-11-26_nf4_cuda/) 1.14x / 1.10x for
-a decode step's NF4 matmuls, batch-1 decode 4.22 -> 3.71 ms per token.
+reloads x for every 16 weight rows; a wgmma version that stages x once per block in shared
+memory is no faster there: bench/experiments/nf4_wgmma.py); on an H100 with the first
+`matmul_split` rule (bench/results/h100_2026-11-26_nf4_cuda/) 1.14x / 1.10x for a decode
+step's NF4 matmuls, batch-1 decode 4.22 -> 3.71 ms per token.
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
 rows in groups of 16 (G), K in blocks of 64 (b). Per (G, b) 512 bytes; lane l = 4g + c of a
@@ -275,14 +276,15 @@ def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch
 
 
 def matmul_split(n: int, k: int, sm_count: int) -> int:
-    """Split-K: the smallest power of two giving 3.5 blocks of 4 warps per SM, 4+ K blocks each.
+    """Split-K: the smallest power of two giving 3 blocks of 4 warps per SM, 4+ K blocks each.
 
-    From the H200 sweep of bench/experiments/nf4_cuda.py (decode shapes, 1 and 8 rows):
-    within 0-12% of the best split per shape."""
+    From the H200 sweep of bench/experiments/nf4_cuda.py (decode shapes, 1 and 8 rows): within
+    4% of the best split per shape. 3.5 per SM split gate_up (448 blocks) in two, 1.1 waves of
+    the 6 blocks an SM holds (32 KB table each): 11-17% slower than not splitting it."""
     tiles = -(-n // (4 * GROUP))
     blocks = k // BLOCKSIZE
     split = 1
-    while tiles * split < 3.5 * sm_count and blocks >= 8 * split and split < 16:
+    while tiles * split < 3 * sm_count and blocks >= 8 * split and split < 16:
         split *= 2
     return split
 
