@@ -124,8 +124,9 @@ class NF4Weight:
             packed = torch.cat([w.packed for w in weights])  # row by row ("cuda": whole 16-row groups)
             absmax = torch.cat([w.absmax for w in weights])
         else:  # a part fell back from "cuda" (its shape): one layout for all, from bitsandbytes' order
-            packed = torch.cat([w.bnb_packed() for w in weights])
-            absmax = torch.cat([w.row_absmax() for w in weights])
+            layouts = [w.bnb_layout() for w in weights]
+            packed = torch.cat([p for p, _ in layouts])
+            absmax = torch.cat([a for _, a in layouts])
             packed, absmax, backend = _arrange(packed, absmax, first.blocksize, "triton")
             first = dataclasses.replace(first, backend=backend)
         counters = _tile_counters(packed.shape[0], packed.device)
@@ -138,8 +139,9 @@ class NF4Weight:
         `dequantize_plain` on a CPU, and it is what the CPU engine spends a decode step on),
         with `dequantize_plain` as the plain PyTorch definition it is tested against.
         """
+        packed, absmax = self.bnb_layout()
         w = torch.ops.bitsandbytes.dequantize_4bit.default(
-            self.bnb_packed().reshape(-1, 1), self.row_absmax().reshape(-1), self.blocksize, "nf4",
+            packed.reshape(-1, 1), absmax.reshape(-1), self.blocksize, "nf4",
             [self.out_features, self.in_features], torch.float32,
         )
         return w.to(dtype)
@@ -148,30 +150,31 @@ class NF4Weight:
         """`dequantize` in plain PyTorch: table lookup, then one fp32 scale per block."""
         # A byte indexes the 256 possible (high nibble, low nibble) pairs of table values.
         pairs = torch.stack(torch.meshgrid(self.code, self.code, indexing="ij"), dim=-1).view(256, 2)
-        values = pairs[self.bnb_packed().long()]  # (out, in // 2, 2): W / absmax, in row order
+        packed, absmax = self.bnb_layout()
+        values = pairs[packed.long()]  # (out, in // 2, 2): W / absmax, in row order
         blocks = values.reshape(self.out_features, -1, self.blocksize)  # (out, in // blocksize, blocksize)
-        w = blocks * self.row_absmax()[:, :, None]  # fp32, as bitsandbytes computes it
+        w = blocks * absmax[:, :, None]  # fp32, as bitsandbytes computes it
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
-    def bnb_packed(self) -> torch.Tensor:
-        """The (out_features, in_features // 2) 4-bit data in bitsandbytes' byte order."""
+    def bnb_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed, absmax) in bitsandbytes' order: (out_features, in_features // 2) bytes, row-major fp32 scales."""
         if self.backend == "triton":
             from .nf4_triton import from_halves
 
-            return from_halves(self.packed, self.blocksize, self.in_features)
+            return from_halves(self.packed, self.blocksize, self.in_features), self.absmax
         if self.backend == "cuda":
             from .nf4_cuda import from_fragments
 
-            return from_fragments(self.packed, self.absmax)[0]
-        return self.packed
+            return from_fragments(self.packed, self.absmax)
+        return self.packed, self.absmax
+
+    def bnb_packed(self) -> torch.Tensor:
+        """The 4-bit data in bitsandbytes' byte order."""
+        return self.bnb_layout()[0]
 
     def row_absmax(self) -> torch.Tensor:
         """The (out_features, in_features // blocksize) fp32 scales in row order."""
-        if self.backend == "cuda":
-            from .nf4_cuda import from_fragments
-
-            return from_fragments(self.packed, self.absmax)[1]
-        return self.absmax
+        return self.bnb_layout()[1]
 
     def to(self, device) -> NF4Weight:
         return dataclasses.replace(
