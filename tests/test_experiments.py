@@ -45,3 +45,46 @@ def test_cuda_fragment_layout():
     # and bitsandbytes' byte order (first weight in the high nibble) reads back as indices
     bnb_order = (q[:, 0::2] << 4) | q[:, 1::2]
     assert torch.equal(cuda.indices_from_bnb_order(bnb_order, n, k), q)
+
+
+def test_wgmma_natural_fragments():
+    """bench/experiments/nf4_wgmma.py's weight order: byte 2h + rh of word t of lane 4g + c in block b of
+    row group G holds rows 16G + g + 8rh at k = 64b + 16t + 8h + 2c (low nibble) and k + 1 (high nibble)."""
+    wgmma = load("nf4_wgmma")
+    n, k = 32, 192
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+
+    class Weight:  # what natural_fragments reads of an NF4Weight
+        def bnb_packed(self):
+            return (q[:, 0::2] << 4) | q[:, 1::2]
+
+    frag = wgmma.natural_fragments(Weight()).view(2, 3, 8, 4, 4, 4)  # (G, b, g, c, t, byte)
+    G, b, g, c, t, j = torch.meshgrid(*[torch.arange(s) for s in frag.shape], indexing="ij")
+    rows = 16 * G + g + 8 * (j % 2)
+    cols = 64 * b + 16 * t + 8 * (j // 2) + 2 * c
+    assert torch.equal(frag, q[rows, cols] | (q[rows, cols + 1] << 4))
+
+
+def test_wgmma_experiment_compiles(tmp_path):
+    """Its CUDA source compiles for sm_90a (NVRTC, no GPU) with no local memory, and uses wgmma (HGMMA)."""
+    import os
+    import subprocess
+
+    import pytest
+
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    triton = pytest.importorskip("triton")
+    wgmma = load("nf4_wgmma")
+    variants = [(4, 2, 4, 2, 1), (8, 2, 4, 2, 2)]
+    cubin = tmp_path / "wgmma.cubin"
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(wgmma.source(variants), "sm_90a")[0])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    assert all(wgmma.name(*v) in usage for v in variants) and usage.count("LOCAL:0") == len(variants), usage
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    assert "HGMMA.64x32x16.F32" in sass and "HGMMA.64x64x16.F32" in sass and "LDGSTS" in sass

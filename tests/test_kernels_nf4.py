@@ -291,7 +291,7 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     if nf4_cuda.nvrtc_library() is None:
         pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
     cubin = tmp_path / "nf4.cubin"
-    cubin.write_bytes(nf4_cuda._nvrtc_compile(nf4_cuda.SOURCE, arch))
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(nf4_cuda.SOURCE, arch)[0])
     import triton
 
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

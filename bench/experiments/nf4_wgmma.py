@@ -1,35 +1,60 @@
-"""Experiment (not used by the package): the CUDA NF4 kernel with Hopper's wgmma, for 9-32 rows.
+"""Experiment (not used by the package): an NF4 matmul on Hopper's wgmma for 9-64 rows, with a cp.async pipeline.
 
-    python bench/experiments/nf4_wgmma.py      # on an sm90 GPU; writes $OUT/nf4_wgmma.json
+    python bench/experiments/nf4_wgmma.py        # on an sm90 GPU; checks, then times; writes $OUT/nf4_wgmma.json
+    python bench/experiments/nf4_wgmma.py src    # print the CUDA source
 
-bench/experiments/nf4_cuda.py (mma.sync) loses from 16 rows because every warp reloads x
-for each 16 weight rows. Here the 4 warps of a block issue one `wgmma.mma_async
-m64nNk16` together: operand A is the looked-up weights straight from registers (the
-fragment layout of `mistral_t4.kernels.nf4_cuda` is also wgmma's register layout for A),
-operand B is x, staged once per 64-wide K block in shared memory (no swizzle, K-major:
-8x8 core matrices, leading byte offset 128 between the two along K, stride byte offset 256
-between those along N -- the swapped assignment gives garbage, checked below), with x's
-K order permuted as the weights' is. x for the next block is loaded into registers while
-this block's lookups and MMAs run, then stored (one barrier per block); 2, 4 or 8 blocks of
-weights in flight per warp (RING).
+Why: the package's CUDA kernel (`mistral_t4.kernels.nf4_cuda`, mma.sync) beats the Triton
+kernel up to 8 rows but loses from 16, where each warp reloads x for every 16 weight rows.
+Here the 4 warps of a warpgroup issue `wgmma.mma_async m64nNk16` together: operand A is the
+looked-up weights straight from registers (a byte -> fp16-pair table in shared memory, as
+in the package kernel), operand B is x from shared memory (K-major, no swizzle, 8x8 core
+matrices, LBO 128 along K, SBO 256 along N).
+  * A ring of S stages in dynamic shared memory, CB blocks of 64 K each, filled PF = S - 2
+    stages ahead by cp.async: weights (each lane copies and reads back its own 16 bytes),
+    scales, and x in 16-byte pieces; one barrier per stage.
+  * Two sets of A registers: block b + 1's lookups run while block b's wgmma runs
+    (`wgmma.wait_group 1`); AC = 2 gives alternate blocks their own accumulators.
+  * WG warpgroups per CTA share the table and the staged x.
+  * Weights in `natural_fragments` order: the package's fragment layout with each MMA's 16 K
+    slots in natural order, so that x needs no reordering on its way to shared memory.
 
-Result (H200, bench/experiments/nf4_wgmma_h200_2026-11-26.json): correct (relative error
-3.8e-4, odd shapes, split-K), but per layer 0.95x the Triton kernel at 16 rows and 0.88x at
-32 (best split and ring per shape; gate_up at 32 rows even, 64.3 vs 63.9 us, with 4 blocks
-in flight; 2 in flight: 0.82x at 32; x staged without the prefetch: 0.64x). One barrier and one wgmma wait per 64-wide
-K block serialize the block; closing the gap needs several K blocks per barrier (dynamic
-shared memory beyond 48 KB), the MMA overlapped with the next block's lookups (registers
-pinned across an asynchronous wgmma), or a producer warp feeding x through TMA.
+Results (H200, torch 2.11 + CUDA 13 NVRTC; decode shapes, CUDA-graph replay, L2 flushed,
+best split/stages/warpgroups per shape; correct at 9-64 rows, odd shapes, split-K: relative
+error 3.8e-4 against dequantize + fp32 matmul, as the Triton kernel):
+  * this version (nf4_wgmma_pipelined_h200_2026-11-26.json), per layer against the Triton
+    kernel: 16 rows 108 vs 116 us (1.08x; gate_up 1.44 TB/s of NF4), 32 rows 156 vs 136
+    (0.87x), 64 rows 241 vs 169 (0.70x). Two accumulator sets: no gain (0.85x at 32).
+  * the same kernel with x copied in 4-byte pieces into the package's own K order (no second
+    layout): 1.11x / 0.92x / 0.68x at 16 / 32 / 64 rows; with x staged through registers
+    instead of cp.async: 0.96x / 0.86x / 0.59x.
+  * the first version (commit 0c2e434, nf4_wgmma_h200_2026-11-26.json): x staged one block per
+    barrier, wgmma waited for at once, weights in a 2-8 deep register ring: 0.95x / 0.88x at
+    16 / 32 rows.
+  * the natural K order in the package's mma.sync kernel (x then read as eight 4-byte pairs
+    per lane and block instead of two 16-byte loads): per layer 89 vs 88 us at 1 row, 118 vs
+    94 us at 8 (H200, two runs), so the package keeps its order. (The same runs show the
+    experiment's mma.sync kernel, bench/experiments/nf4_cuda.py with fp16 scale pairs, 8% / 5%
+    faster than the package's at 1 / 8 rows with the same split.)
+What limits it (Nsight Compute, gate_up 4096 -> 28672, H200): occupancy. The table (32 KB)
+plus 4 stages of x and weights leave room for one or two CTAs of 8 warps per SM (12-25%
+occupancy); the warps stall on the pipeline's waits and the table loads, DRAM runs at 12-20%
+of its peak and more rows of x only add shared memory. Next: a 16-copy table or the table in
+registers (prmt, as the Triton kernel) to free shared memory, warp specialisation (a producer
+warp with TMA bulk copies, consumers doing lookups and wgmma), and one CTA per SM looping over
+tiles so the table is built once.
 """
 
 import json
 import os
 import sys
 import time
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE); sys.path.insert(0, os.path.join(HERE, ".."))
-import torch
-import nf4_cuda as exp  # bench/experiments/nf4_cuda.py: Module (NVRTC + launcher), registers
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+import torch  # noqa: E402
+
+
 
 HEAD = r"""
 typedef unsigned int u32;
@@ -52,7 +77,8 @@ __device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
 """
 
 
-def wgmma_fn(mt):
+def wgmma_fns(mt):
+    """wg_issue_MT: fence + 4 wgmma m64n(8MT)k16 (A from registers, B by descriptor) + commit; wg_wait_MT<N>."""
     n = 8 * mt
     nacc = 4 * mt
     d = ",".join(f"%{i}" for i in range(nacc))
@@ -60,91 +86,141 @@ def wgmma_fn(mt):
     for t in range(4):
         a = ",".join(f"%{nacc + 4 * t + i}" for i in range(4))
         lines.append(f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{d}}}, {{{a}}}, %{nacc + 16 + t}, p, 1, 1, 0;")
-    lines += ["wgmma.commit_group.sync.aligned;", "wgmma.wait_group.sync.aligned 0;"]
+    lines += ["wgmma.commit_group.sync.aligned;"]
     body = "\\n".join(lines)
     outs = ", ".join(f'"+f"(acc[{i}])' for i in range(nacc))
     ins = ", ".join([f'"r"(a[{i}])' for i in range(16)] + [f'"l"(ds[{t}])' for t in range(4)] + ['"r"(one)'])
     return f"""
-__device__ __forceinline__ void wg_block_{mt}(float* acc, const u32* a, const u64* ds) {{
+__device__ __forceinline__ void wg_issue_{mt}(float* acc, const u32* a, const u64* ds) {{
     const u32 one = 1;
     asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nacc + 20}, 0;\\n{body}\\n}}\\n" : {outs} : {ins} : "memory");
+}}
+template <int N> __device__ __forceinline__ void wg_wait_{mt}(float* acc) {{
+    asm volatile("wgmma.wait_group.sync.aligned %{nacc};" : {outs} : "n"(N) : "memory");
 }}
 """
 
 
+HELPERS = r"""
+__device__ __forceinline__ void cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory"); }
+__device__ __forceinline__ void cp16z(u32 dst, const void* src, bool ok) {  // ok = false: writes zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory"); }
+__device__ __forceinline__ uint4 lds128(u32 a) {
+    uint4 r; asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a)); return r; }
+__device__ __forceinline__ uint2 lds64(u32 a) {
+    uint2 r; asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(a)); return r; }
+
+"""
+
 BODY = r"""
-template <int MT>
-__device__ __forceinline__ void body(const u16* __restrict__ x, const uint4* __restrict__ wq, const u32* __restrict__ scales,
+// out (M, N) = x (M <= 8 MT, K) @ W.T, W in the fragment layout. Grid (cdiv(N, 64 WG), split_k), 128 WG threads:
+// warpgroup wg of block x owns rows 64 (WG x + wg) .. + 63, warp w the 16-row group 4 (WG x + wg) + w.
+// A st of S stages in shared memory, CB blocks of 64 K each, filled by cp.async PF = S - 2 stages ahead:
+// weights (each lane copies and reads back its own 16 bytes), scales (64 bytes per warp and block), and
+// x (4-byte copies that put it in wgmma's K-major core-matrix layout, in the fragment layout's K order).
+extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
+        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k, int lbo, int sbo) {
-    __shared__ __align__(16) u32 lut[256 * 32];
-    __shared__ __align__(128) unsigned char xs[2][4][MT * 8 * 32];  // [buffer][k16 slice][n core][k core][8 rows][16 B]
+        int M, int N, int K, int stride_xm, int stride_om, int split_k) {
+    extern __shared__ __align__(128) unsigned char smem[];
     __shared__ int is_last;
+    u32* lut = (u32*)smem;  // 32 KB: 256 entries x 32 copies
+    constexpr int THREADS = 128 * WG, WARPS = 4 * WG, PF = S - 2;
+    constexpr int SLICE = MT * 256;  // x for one k16 step: MT core matrices along N x 2 along K, 128 B each
+    constexpr int BLOCK_X = 4 * SLICE;  // x for one 64-wide K block
+    constexpr int STAGE_X = CB * BLOCK_X, STAGE_W = CB * WARPS * 512, STAGE_S = CB * WARPS * 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    #pragma unroll 4
-    for (int r = 0; r < 16; r++) {
-        const int b = 16 * r + (tid >> 3);
+    for (int b = tid >> 3; b < 256; b += THREADS / 8) {
         const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
         *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
     }
+    const u32 xs0 = smem_addr(smem + 32768), ws0 = xs0 + S * STAGE_X, ss0 = ws0 + S * STAGE_W;
     const int n_groups = N >> 4;
-    const int G = blockIdx.x * 4 + warp;
-    const int Gc = min(G, n_groups - 1);
+    const int G = blockIdx.x * WARPS + warp;
+    const int Gc = min(G, n_groups - 1);  // past the end: recompute the last group, never stored
     const int nb = K >> 6;
     const int per = (nb + split_k - 1) / split_k;
     const int kb0 = blockIdx.y * per;
     const int kb1 = min(kb0 + per, nb);
+    const int stages = (kb1 - kb0 + CB - 1) / CB;
     const int g = lane >> 2, c = lane & 3;
     const char* lut_lane = (const char*)lut + (lane << 2);
-    float acc[4 * MT];
-    #pragma unroll
-    for (int i = 0; i < 4 * MT; i++) acc[i] = 0.f;
     const uint4* wp = wq + (size_t)Gc * nb * 32 + lane;
-    const uint2* sp = (const uint2*)scales + (size_t)Gc * nb * 8 + g;
-    const u32 xs0 = smem_addr(&xs[0][0][0]);
-    constexpr int SLICE = MT * 8 * 32;
-    __syncthreads();
-    uint4 wr[RING]; uint2 sr[RING];
-    #pragma unroll
-    for (int dd = 0; dd < RING; dd++) { const int b = kb0 + dd; if (b < kb1) { wr[dd] = ld_stream(wp + (size_t)b * 32); sr[dd] = *(const uint2*)(sp + (size_t)b * 8); } }
-    constexpr int XC = MT / 2;  // x chunks (16 B) per thread per block: MT * 64 / 128
-    uint4 xn[XC];
-    #define LOAD_X(bb) { _Pragma("unroll") for (int j = 0; j < XC; j++) { const int i = tid + 128 * j, n = i >> 3, ch = i & 7; \
-        xn[j] = (n < M) ? ld_x((const uint4*)(x + (size_t)n * stride_xm + (bb) * 64 + ch * 8)) : make_uint4(0, 0, 0, 0); } }
-    #define STORE_X(bb) { const u32 buf = xs0 + ((bb) & 1) * 4 * SLICE; _Pragma("unroll") for (int j = 0; j < XC; j++) { \
-        const int i = tid + 128 * j, n = i >> 3, ch = i & 7, cc = ch >> 1, t0 = 2 * (ch & 1), nc = n >> 3, r = n & 7; \
-        _Pragma("unroll") for (int tt = 0; tt < 2; tt++) { const u32 base = buf + (t0 + tt) * SLICE + nc * 256 + r * 16 + cc * 4; \
-            sts32(base, word(xn[j], 2 * tt)); sts32(base + 128, word(xn[j], 2 * tt + 1)); } } \
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); __syncthreads(); }
-    if (kb0 < kb1) { LOAD_X(kb0); STORE_X(kb0); }
-    for (int b0 = kb0; b0 < kb1; b0 += RING) {
+    const uint4* sp = (const uint4*)(scales + (size_t)Gc * nb * 8) + lane;  // lanes 0-3: 16 bytes of a block's 64
+    // x: per stage CB blocks x 8 MT rows x 8 pieces of 16 bytes (k 8p .. 8p + 7 of a block = MMA t = p / 2, K
+    // slots 8h .. 8h + 7 with h = p % 2): piece i = tid + THREADS j: p = i % 8, row n = (i / 8) % (8 MT), block i / (64 MT)
+    constexpr int XPIECES = CB * MT * 64 / THREADS;
+    static_assert(XPIECES * THREADS == CB * MT * 64, "x pieces do not split evenly");
+    auto issue = [&](int st) {
+        const int cb = kb0 + st * CB;
+        const int buf = st % S;
         #pragma unroll
-        for (int dd = 0; dd < RING; dd++) {
-            const int b = b0 + dd;
+        for (int d = 0; d < CB; d++) {
+            const int b = cb + d;
             if (b < kb1) {
-                const uint4 w = wr[dd]; const uint2 s = sr[dd];
-                if (b + RING < kb1) { wr[dd] = ld_stream(wp + (size_t)(b + RING) * 32); sr[dd] = *(const uint2*)(sp + (size_t)(b + RING) * 8); }
-                if (b + 1 < kb1) LOAD_X(b + 1);
-                const u32 buf = xs0 + (b & 1) * 4 * SLICE;
+                cp16(ws0 + buf * STAGE_W + (d * WARPS + warp) * 512 + lane * 16, wp + (size_t)b * 32);
+                if (lane < 4) cp16(ss0 + buf * STAGE_S + (d * WARPS + warp) * 64 + lane * 16, sp + (size_t)b * 4);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < XPIECES; j++) {
+            const int i = tid + THREADS * j, p = i & 7, n = (i >> 3) % (8 * MT), bb = (i >> 3) / (8 * MT);
+            const bool ok = n < M && cb + bb < kb1;
+            cp16z(xs0 + buf * STAGE_X + bb * BLOCK_X + (p >> 1) * SLICE + (p & 1) * 128 + (n >> 3) * 256 + (n & 7) * 16,
+                  ok ? x + (size_t)n * stride_xm + (cb + bb) * 64 + 8 * p : x, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    float accs[AC][4 * MT];  // AC accumulator sets, block d takes set d % AC: AC independent wgmma chains
+    #pragma unroll
+    for (int u = 0; u < AC; u++)
+        #pragma unroll
+        for (int i = 0; i < 4 * MT; i++) accs[u][i] = 0.f;
+    float* acc = accs[0];
+    #pragma unroll
+    for (int st = 0; st < PF; st++) issue(st);
+    u32 a[2][16];
+    for (int st = 0; st < stages; st++) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(PF - 1) : "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();  // stage st is in; every thread is done with stage st - 2's buffer (MMAs included)
+        issue(st + PF);
+        const int buf = st % S;
+        #pragma unroll
+        for (int d = 0; d < CB; d++) {
+            const int b = kb0 + st * CB + d;
+            if (b < kb1) {
+                const uint4 w = lds128(ws0 + buf * STAGE_W + (d * WARPS + warp) * 512 + lane * 16);
+                const uint2 s = lds64(ss0 + buf * STAGE_S + (d * WARPS + warp) * 64 + g * 8);
                 u32 s2; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(s2) : "f"(__uint_as_float(s.y)), "f"(__uint_as_float(s.x)));
                 const u32 s_g = prmt(s2, s2, 0x1010), s_g8 = prmt(s2, s2, 0x3232);
-                u32 a[16];
+                u32* ar = a[d & 1];
                 #pragma unroll
                 for (int t = 0; t < 4; t++) {
                     const u32 q = word(w, t);
-                    a[4 * t + 0] = hmul2(*(const u32*)(lut_lane + ((q << 7) & 0x7F80)), s_g);
-                    a[4 * t + 1] = hmul2(*(const u32*)(lut_lane + ((q >> 1) & 0x7F80)), s_g8);
-                    a[4 * t + 2] = hmul2(*(const u32*)(lut_lane + ((q >> 9) & 0x7F80)), s_g);
-                    a[4 * t + 3] = hmul2(*(const u32*)(lut_lane + ((q >> 17) & 0x7F80)), s_g8);
+                    ar[4 * t + 0] = hmul2(*(const u32*)(lut_lane + ((q << 7) & 0x7F80)), s_g);
+                    ar[4 * t + 1] = hmul2(*(const u32*)(lut_lane + ((q >> 1) & 0x7F80)), s_g8);
+                    ar[4 * t + 2] = hmul2(*(const u32*)(lut_lane + ((q >> 9) & 0x7F80)), s_g);
+                    ar[4 * t + 3] = hmul2(*(const u32*)(lut_lane + ((q >> 17) & 0x7F80)), s_g8);
                 }
+                const u32 xb = xs0 + buf * STAGE_X + d * BLOCK_X;
                 u64 ds[4];
                 #pragma unroll
-                for (int t = 0; t < 4; t++) ds[t] = desc(buf + t * SLICE, lbo, sbo);
-                WG_BLOCK(acc, a, ds);
-                if (b + 1 < kb1) STORE_X(b + 1);
+                for (int t = 0; t < 4; t++) ds[t] = desc(xb + t * SLICE, 128, 256);
+                WG_ISSUE(accs[d % AC], ar, ds);
+                #pragma unroll
+                for (int u = 0; u < AC; u++) WG_WAIT<1>(accs[u]);
             }
         }
     }
+    #pragma unroll
+    for (int u = 0; u < AC; u++) WG_WAIT<0>(accs[u]);
+    #pragma unroll
+    for (int u = 1; u < AC; u++)
+        #pragma unroll
+        for (int i = 0; i < 4 * MT; i++) acc[i] += accs[u][i];
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
     // acc[4j + 2h + e] = out[m = 8j + 2c + e, n = 16G + g + 8h]
     if (split_k == 1) {
         if (G < n_groups) {
@@ -187,99 +263,143 @@ __device__ __forceinline__ void body(const u16* __restrict__ x, const uint4* __r
 }
 """
 
+def shared_bytes(mt, cb, st, wg):
+    return 32768 + st * cb * (mt * 1024 + 4 * wg * (512 + 64))
 
-def source():
-    s = HEAD
-    for mt in (2, 4):
-        s += wgmma_fn(mt)
-    for mt in (2, 4):
-        for ring in (2, 4, 8):
-            s += BODY.replace("template <int MT>", f"// MT={mt} RING={ring}").replace("RING", str(ring)).replace("MT", str(mt)).replace("WG_BLOCK", f"wg_block_{mt}").replace("body(", f"body_{mt}_{ring}(")
-            s += f"""
-extern "C" __global__ void __launch_bounds__(128) wg_{mt}_{ring}(const u16* x, const uint4* wq, const u32* scales, const u16* code,
-        u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, int split_k, int lbo, int sbo) {{
-    body_{mt}_{ring}(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, lbo, sbo); }}
-"""
+
+# (MT, CB, S, WG) compiled; MT = column tiles of 8 rows (rows <= 8 MT)
+VARIANTS = [(mt, cb, st, wg, ac) for mt in (2, 4, 8) for cb, st in ((2, 4), (4, 4)) for wg in (1, 2) for ac in (1, 2)
+            if shared_bytes(mt, cb, st, wg) <= 227 * 1024 and cb * mt * 64 % (128 * wg) == 0]
+
+
+def name(mt, cb, st, wg, ac):
+    return f"wg_{mt}_{cb}_{st}_{wg}_{ac}"
+
+
+def source(variants=VARIANTS):
+    s = HEAD + HELPERS
+    for mt in sorted({v[0] for v in variants}):
+        s += wgmma_fns(mt)
+    for mt, cb, st, wg, ac in variants:
+        body = BODY
+        for key, value in (("KNAME", name(mt, cb, st, wg, ac)), ("AC", str(ac)), ("WG_ISSUE", f"wg_issue_{mt}"), ("WG_WAIT", f"wg_wait_{mt}"),
+                           ("MT", str(mt)), ("CB", str(cb)), ("WG", str(wg))):
+            body = body.replace(key, value)
+        s += body.replace("PF = S - 2", f"PF = {st} - 2").replace("st % S", f"st % {st}").replace("S * STAGE", f"{st} * STAGE")
     return s
 
 
-def matmul(mod, x, frag, scales, code16, counters, n, split_k, lbo, sbo, out=None, ring=2):
+def column_tiles(m):
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+def matmul(mod, x, frag, scales, code16, counters, n, split_k, cb=2, st=4, wg=2, ac=1, out=None):
     m, k = x.shape
-    mt = 2 if m <= 16 else 4
+    mt = column_tiles(m)
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = ((n // 16 + 3) // 4, split_k)
-    mod.launch(f"wg_{mt}_{ring}", grid, 128, [x, frag, scales, code16, out, partial, counters, m, n, k, x.stride(0), out.stride(0), split_k, lbo, sbo])
+    grid = (-(-n // (64 * wg)), split_k)
+    mod.launch(name(mt, cb, st, wg, ac), grid, 128 * wg,
+               [x, frag, scales, code16, out, partial, counters, m, n, k, x.stride(0), out.stride(0), split_k],
+               shared=shared_bytes(mt, cb, st, wg))
     return out
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "src":
-        print(source()); sys.exit()
-    from gpu_kernels import timer, random_param, rel_error, MISTRAL_SHAPES, DECODE_SHAPES
-    from mistral_t4.kernels import NF4Weight, nf4_triton
-    mod = exp.Module(src=source(), arch="sm_90a")
-    for mt in (2, 4):
-        print("wg", mt, "regs", [exp.registers(mod, f"wg_{mt}_{r}") for r in (2, 4, 8)], flush=True)
-    dev = torch.device("cuda"); t = timer(dev)
-    # which (lbo, sbo) is right
-    w = NF4Weight.from_bnb(random_param(256, 128, dev), backend="cuda")
-    code16 = w.code_fp16.view(torch.int16)
-    wf = w.dequantize(torch.float32)
-    good = None
-    for lbo, sbo in ((128, 256), (256, 128)):
-        x = torch.randn(32, 256, device=dev, dtype=torch.float16)
-        out = torch.full((32, 128), float("nan"), device=dev, dtype=torch.float16)
-        matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, 128, 1, lbo, sbo, out=out)
-        torch.cuda.synchronize()
-        e = rel_error(out, x.float() @ wf.T)
-        print("lbo", lbo, "sbo", sbo, "err", e, flush=True)
-        if e < 2e-3:
-            good = (lbo, sbo)
-    if good is None:
-        sys.exit(1)
-    lbo, sbo = good
+def natural_fragments(w):
+    """The package's "cuda" NF4Weight -> this kernel's bytes: the fragment layout with each MMA's 16 K slots in
+    natural order (byte 2h + rh of word t, lane 4g + c: row g + 8rh, k = 64b + 16t + 8h + 2c), so that x goes to
+    shared memory in 16-byte pieces; the package's order (k = 64b + 16c + 4t + 2h) suits its mma.sync kernel, whose
+    lanes then read x in 16-byte pieces. Scales are the same in both."""
+    packed = w.bnb_packed()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    q = torch.stack([packed >> 4, packed & 0xF], dim=-1)
+    q = q.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 5, 1, 7)  # (G, b, g, c, t, h, rh, e)
+    return (q[..., 0] | (q[..., 1] << 4)).contiguous().view(n, k // 2)
+
+
+def main():
+    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer
+
+    from mistral_t4.kernels import NF4Weight, nf4_cuda, nf4_triton
+
+    dev = torch.device("cuda")
+    start = time.time()
+    mod = nf4_cuda._Module(dev, source(), "sm_90a")
+    print(f"compiled in {time.time() - start:.1f} s; log: {mod.log.strip()[:2000]}", flush=True)
+    t = timer(dev)
     bad = 0
-    for (n, k) in [(96, 320), (48, 192), (1024, 4096), (4096, 14336)]:
+    for n, k in [(96, 320), (48, 192), (1024, 4096), (4096, 14336)]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
+        frag = natural_fragments(w)
         wf = w.dequantize(torch.float32)
-        for m in (9, 16, 17, 31, 32):
+        code16 = w.code_fp16.view(torch.int16)
+        for m in (9, 16, 17, 32, 33, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ wf.T
-            for sk, ring in ((1, 2), (3, 4), (8, 8), (1, 8)):
-                out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo, out=out, ring=ring)
-                torch.cuda.synchronize()
-                e = rel_error(out, ref); z = int(w.tile_counters.abs().sum())
-                if not (e < 2e-3 and z == 0):
-                    bad += 1; print("BAD", n, k, m, sk, e, z, flush=True)
+            for mt, cb, st, wg, ac in VARIANTS:
+                if mt != column_tiles(m):
+                    continue
+                for sk in (1, 3, 8):
+                    out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
+                    matmul(mod, x, frag, w.absmax, code16, w.tile_counters, n, sk, cb, st, wg, ac, out=out)
+                    torch.cuda.synchronize()
+                    e = rel_error(out, ref)
+                    z = int(w.tile_counters.abs().sum())
+                    if not (e < 2e-3 and z == 0):
+                        bad += 1
+                        print("BAD", n, k, m, (mt, cb, st, wg, ac), sk, e, z, flush=True)
         print("checked", n, k, flush=True)
+    if bad:
+        print(f"{bad} failures; not timing", flush=True)
     tot, results = {}, []
-    for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
+    for shape, k, n in ([] if bad else [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]):
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
+        frag = natural_fragments(w)
+        code16 = w.code_fp16.view(torch.int16)
         wf = w.dequantize(torch.float32)
-        for m in (16, 32):
+        for m in (16, 32, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ wf.T
             tri = t(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16, wt.tile_counters, 64))
             rows = []
-            for sk in (1, 2, 4, 8, 16):
-                for ring in (2, 4, 8):
-                    fn = lambda: matmul(mod, x, w.packed, w.absmax, code16, w.tile_counters, n, sk, lbo, sbo, ring=ring)
+            for mt, cb, st, wg, ac in VARIANTS:
+                if mt != column_tiles(m):
+                    continue
+                for sk in (1, 2, 4, 8):
+                    def fn():
+                        return matmul(mod, x, frag, w.absmax, code16, w.tile_counters, n, sk, cb, st, wg, ac)
+
                     e = rel_error(fn(), ref)
-                    rows.append((t(fn), (sk, ring), e))
-            rows.sort()
-            results.append(dict(shape=name, m=m, triton_ms=tri, wgmma=[dict(ms=r[0], split_k=r[1][0], ring=r[1][1], err=r[2]) for r in rows]))
-            tt = tot.setdefault(m, [0, 0]); tt[0] += tri; tt[1] += rows[0][0]
-            print(f"{name} M={m}: triton {tri*1e3:.1f} us, wgmma {rows[0][0]*1e3:.1f} us (sk{rows[0][1]}, err {rows[0][2]:.1e}); "
-                  + ", ".join(f"{r[0]*1e3:.1f}(sk{r[1]})" for r in rows[1:3]), flush=True)
+                    rows.append(dict(ms=t(fn), split_k=sk, cb=cb, st=st, wg=wg, ac=ac, err=e))
+            rows.sort(key=lambda r: r["ms"])
+            results.append(dict(shape=shape, m=m, triton_ms=tri, wgmma=rows))
+            tt = tot.setdefault(m, [0.0, 0.0])
+            tt[0] += tri
+            tt[1] += rows[0]["ms"]
+            b = rows[0]
+            print(f"{shape} M={m}: triton {tri * 1e3:.1f} us, wgmma {b['ms'] * 1e3:.1f} us "
+                  f"(split {b['split_k']} cb {b['cb']} st {b['st']} wg {b['wg']} ac {b['ac']}, err {b['err']:.1e}, "
+                  f"{w.nbytes / b['ms'] / 1e6:.0f} GB/s); next " + ", ".join(
+                      f"{r['ms'] * 1e3:.1f}({r['split_k']},{r['cb']},{r['st']},{r['wg']},{r['ac']})" for r in rows[1:4]), flush=True)
+            for ac in (1, 2):
+                best = min(r["ms"] for r in rows if r["ac"] == ac)
+                tt = tot.setdefault(f"{m} ac{ac}", [0.0, 0.0])
+                tt[0] += tri
+                tt[1] += best
     for m, (a, b) in tot.items():
-        print(f"per layer M={m}: triton {a*1e3:.1f} us, wgmma {b*1e3:.1f} us, x{a/b:.2f}", flush=True)
+        print(f"per layer M={m} (acN: N accumulator sets; else the best): triton {a * 1e3:.1f} us, wgmma {b * 1e3:.1f} us, x{a / b:.2f}", flush=True)
     if os.environ.get("OUT"):
         system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
         with open(os.path.join(os.environ["OUT"], "nf4_wgmma.json"), "w") as f:
-            json.dump(dict(system=system, descriptor=dict(lbo=lbo, sbo=sbo), failures=bad, results=results,
-                           per_layer={m: dict(triton_ms=a, wgmma_ms=b) for m, (a, b) in tot.items()}), f, indent=1)
+            json.dump(dict(system=system, failures=bad, results=results,
+                           per_layer={str(m): dict(triton_ms=a, wgmma_ms=b) for m, (a, b) in tot.items()}), f, indent=1)
     sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "src":
+        print(source())
+        sys.exit()
+    main()

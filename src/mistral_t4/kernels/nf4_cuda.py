@@ -18,8 +18,8 @@ fp16x2 multiply, and the result is already a tensor-core register:
   * a ring of 4 loads in flight per warp (128-bit weight loads that skip L1).
 Measured: on an H200 with the best split per shape (bench/experiments/nf4_cuda.py) 1.41x
 the Triton kernel per layer at 1 row, 1.26x at 8, even at 16, slower above (each warp
-reloads x for every 16 weight rows; a wgmma version that stages x once per block in shared
-memory is no faster there: bench/experiments/nf4_wgmma.py); on an H100 with the first
+reloads x for every 16 weight rows; wgmma versions with x in shared memory and a cp.async
+pipeline gain 8% at 16 rows and lose from 32: bench/experiments/nf4_wgmma.py); on an H100 with the first
 `matmul_split` rule (bench/results/h100_2026-11-26_nf4_cuda/) 1.14x / 1.10x for a decode
 step's NF4 matmuls, batch-1 decode 4.22 -> 3.71 ms per token.
 
@@ -298,13 +298,14 @@ class _Module:
     def __init__(self, device: torch.device, source: str = SOURCE, arch: str | None = None):
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(device)
-        self.cubin = _nvrtc_compile(source, arch or f"sm_{major}{minor}")
+        self.cubin, self.log = _nvrtc_compile(source, arch or f"sm_{major}{minor}")
         self.cuda = ctypes.CDLL("libcuda.so.1")
         with torch.cuda.device(device):
             torch.empty(1, device=device)  # the primary context exists and is current
             self.module = ctypes.c_void_p()
             _check(self.cuda, self.cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
         self.functions = {}
+        self.shared_set = {}
 
     def function(self, name: str) -> ctypes.c_void_p:
         if name not in self.functions:
@@ -313,16 +314,22 @@ class _Module:
             self.functions[name] = f
         return self.functions[name]
 
-    def launch(self, name: str, grid: tuple[int, int], block: int, args: list) -> None:
-        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints."""
+    def launch(self, name: str, grid: tuple[int, int], block: int, args: list, shared: int = 0) -> None:
+        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints.
+
+        `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function."""
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         function = self.function(name)
         if torch.cuda.current_device() != self.index:  # the driver launches in the current device's context
             with torch.cuda.device(self.index):
-                return self.launch(name, grid, block, args)
+                return self.launch(name, grid, block, args, shared)
+        if shared > self.shared_set.get(name, 0):  # static shared memory counts too: always say it
+            rc = self.cuda.cuFuncSetAttribute(function, 8, shared)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(self.cuda, rc, f"{shared} bytes of shared memory for {name}")
+            self.shared_set[name] = shared
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.index).cuda_stream)
-        rc = self.cuda.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, 0, stream, pointers, None)
+        rc = self.cuda.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, shared, stream, pointers, None)
         _check(self.cuda, rc, f"launch of {name}")
 
 
@@ -352,7 +359,8 @@ def nvrtc_library() -> str | None:
     return None
 
 
-def _nvrtc_compile(source: str, arch: str) -> bytes:
+def _nvrtc_compile(source: str, arch: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log: warnings, ptxas' with `options=("-Xptxas=-v",)`)."""
     path = nvrtc_library()
     if path is None:
         raise RuntimeError("NVRTC not found (it comes with PyTorch's CUDA wheels or a CUDA toolkit)")
@@ -361,20 +369,21 @@ def _nvrtc_compile(source: str, arch: str) -> bytes:
     if nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"nf4_cuda.cu", 0, None, None) != 0:
         raise RuntimeError("nvrtcCreateProgram failed")
     try:
-        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [o.encode() for o in options]
         rc = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        log = log.value.decode(errors="replace")
         if rc != 0:
-            size = ctypes.c_size_t()
-            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            nvrtc.nvrtcGetProgramLog(program, log)
-            raise RuntimeError(f"NVRTC ({path}) could not compile the NF4 kernels for {arch}: {log.value.decode()}")
+            raise RuntimeError(f"NVRTC ({path}) could not compile the NF4 kernels for {arch}: {log}")
         size = ctypes.c_size_t()
         nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
         cubin = ctypes.create_string_buffer(size.value)
         if nvrtc.nvrtcGetCUBIN(program, cubin) != 0:
             raise RuntimeError("nvrtcGetCUBIN failed")
-        return cubin.raw
+        return cubin.raw, log
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
