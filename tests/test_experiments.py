@@ -1,8 +1,11 @@
 """CPU checks of the GPU experiments in bench/experiments (their kernels run only on a GPU)."""
 
 import importlib.util
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "bench" / "experiments"
@@ -68,11 +71,6 @@ def test_wgmma_natural_fragments():
 
 def test_wgmma_experiment_compiles(tmp_path):
     """Its CUDA source compiles for sm_90a (NVRTC, no GPU) with no local memory, and uses wgmma (HGMMA)."""
-    import os
-    import subprocess
-
-    import pytest
-
     from mistral_t4.kernels import nf4_cuda
 
     if nf4_cuda.nvrtc_library() is None:

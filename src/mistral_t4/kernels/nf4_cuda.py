@@ -324,7 +324,7 @@ class _Module:
         if torch.cuda.current_device() != self.index:  # the driver launches in the current device's context
             with torch.cuda.device(self.index):
                 return self.launch(name, grid, block, args, shared)
-        if shared > self.shared_set.get(name, 0):  # static shared memory counts too: always say it
+        if shared > self.shared_set.get(name, 0):  # even under 48 KB: static + dynamic may pass it
             rc = self.cuda.cuFuncSetAttribute(function, 8, shared)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(self.cuda, rc, f"{shared} bytes of shared memory for {name}")
             self.shared_set[name] = shared
