@@ -7,12 +7,14 @@ mode); larger batches keep the Triton kernel, which wins from 16 rows up.
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
 fp32 rate), and the dequantized tile goes through shared memory to reach the tensor
-cores. This kernel, per 2 weights: 2 integer ops (an address), one shared-memory load, one
-fp16x2 multiply, and the result is already a tensor-core register:
+cores. This kernel, per 2 weights: 2 integer ops (an address) and one shared-memory load,
+and the result is already a tensor-core register:
   * a byte -> half2 table in shared memory: entry b = (code[b & 15], code[b >> 4]) in fp16,
     32 copies side by side (32 KB) so that lane l always reads bank l: no conflicts;
-  * `mma.sync.m16n8k16` with the weights as operand A straight from those registers, x as
-    operand B (one column tile of 8 rows: M <= 8);
+  * `mma.sync.m16n8k16` with the table values as operand A straight from those registers, x
+    as operand B (one column tile of 8 rows: M <= 8); a 64-weight block shares one absmax per
+    row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
+    accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
   * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
     partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
   * a ring of 4 loads in flight per warp (128-bit weight loads that skip L1).
@@ -69,21 +71,6 @@ __device__ __forceinline__ uint2 ld_pair(const uint2* p) {
 __device__ __forceinline__ uint4 ld_x(const uint4* p) {
     uint4 r;
     asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
-    u32 r;
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-}
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
-    u32 r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
-    return r;
-}
-__device__ __forceinline__ u32 to_half2(u32 lo_bits, u32 hi_bits) {  // two fp32 (as bits) -> fp16x2, round to nearest
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(hi_bits)), "f"(__uint_as_float(lo_bits)));
     return r;
 }
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -147,18 +134,22 @@ extern "C" __global__ void __launch_bounds__(128) nf4_matmul(
                     if (b + RING < kb1) { wr[d] = ld_stream(wp + (size_t)(b + RING) * 32); sr[d] = ld_pair(sp + (size_t)(b + RING) * 8); }
                     uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
                     if (has_x) { x0 = ld_x(xp + b * 8); x1 = ld_x(xp + b * 8 + 1); }
-                    const u32 s2 = to_half2(s.x, s.y);  // (absmax row g, absmax row g + 8)
-                    const u32 s_g = prmt(s2, s2, 0x1010), s_g8 = prmt(s2, s2, 0x3232);
+                    float block[4] = {0.f, 0.f, 0.f, 0.f};  // this block's sums, scaled once below
                     #pragma unroll
                     for (int t = 0; t < 4; t++) {
                         const u32 q = word(w, t);  // byte j -> offset 128 * byte (+ 4 * lane): its table row
-                        const u32 a0 = hmul2(*(const u32*)(lut_lane + ((q << 7) & 0x7F80)), s_g);
-                        const u32 a1 = hmul2(*(const u32*)(lut_lane + ((q >> 1) & 0x7F80)), s_g8);
-                        const u32 a2 = hmul2(*(const u32*)(lut_lane + ((q >> 9) & 0x7F80)), s_g);
-                        const u32 a3 = hmul2(*(const u32*)(lut_lane + ((q >> 17) & 0x7F80)), s_g8);
+                        const u32 a0 = *(const u32*)(lut_lane + ((q << 7) & 0x7F80));
+                        const u32 a1 = *(const u32*)(lut_lane + ((q >> 1) & 0x7F80));
+                        const u32 a2 = *(const u32*)(lut_lane + ((q >> 9) & 0x7F80));
+                        const u32 a3 = *(const u32*)(lut_lane + ((q >> 17) & 0x7F80));
                         const uint4 xv = t < 2 ? x0 : x1;
-                        mma(acc, a0, a1, a2, a3, word(xv, (2 * t) & 3), word(xv, (2 * t + 1) & 3));
+                        mma(block, a0, a1, a2, a3, word(xv, (2 * t) & 3), word(xv, (2 * t + 1) & 3));
                     }
+                    // block[2h + e]: weight row g + 8h, so absmax s.x (h = 0) or s.y (h = 1), in fp32
+                    acc[0] = fmaf(__uint_as_float(s.x), block[0], acc[0]);
+                    acc[1] = fmaf(__uint_as_float(s.x), block[1], acc[1]);
+                    acc[2] = fmaf(__uint_as_float(s.y), block[2], acc[2]);
+                    acc[3] = fmaf(__uint_as_float(s.y), block[3], acc[3]);
                 }
             }
         }
