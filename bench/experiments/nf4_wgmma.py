@@ -21,9 +21,12 @@ matrices, LBO 128 along K, SBO 256 along N).
 Results (H200, torch 2.11 + CUDA 13 NVRTC; decode shapes, CUDA-graph replay, L2 flushed,
 best split/stages/warpgroups per shape; correct at 9-64 rows, odd shapes, split-K: relative
 error 3.8e-4 against dequantize + fp32 matmul, as the Triton kernel):
-  * this version (nf4_wgmma_pipelined_h200_2026-11-26.json), per layer against the Triton
-    kernel: 16 rows 108 vs 116 us (1.08x; gate_up 1.44 TB/s of NF4), 32 rows 156 vs 136
-    (0.87x), 64 rows 241 vs 169 (0.70x). Two accumulator sets: no gain (0.85x at 32).
+  * this version (nf4_wgmma_pipelined_h200_2026-11-26.json; `ac` 1-2 in the kernel names),
+    per layer against the Triton kernel: 16 rows 107 vs 116 us (1.08x; gate_up 1.44 TB/s of
+    NF4), 32 rows 156 vs 135 (0.87x), 64 rows 245 vs 170 (0.69x). Two accumulator sets: no gain.
+  * the lean kernel (`LEAN`, ac 0: per-thread base addresses plus immediates, running source
+    pointers, fixed x pieces per thread; ~160 instead of ~190 instructions per warp and block,
+    of which 64 are the lookups): 1.12x / 0.88x / 0.72x at 16 / 32 / 64 rows.
   * the same kernel with x copied in 4-byte pieces into the package's own K order (no second
     layout): 1.11x / 0.92x / 0.68x at 16 / 32 / 64 rows; with x staged through registers
     instead of cp.async: 0.96x / 0.86x / 0.59x.
@@ -108,6 +111,8 @@ __device__ __forceinline__ void cp16z(u32 dst, const void* src, bool ok) {  // o
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory"); }
 __device__ __forceinline__ uint4 lds128(u32 a) {
     uint4 r; asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a)); return r; }
+__device__ __forceinline__ u32 lds32(u32 a) {
+    u32 r; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(a)); return r; }
 __device__ __forceinline__ uint2 lds64(u32 a) {
     uint2 r; asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(a)); return r; }
 
@@ -221,6 +226,15 @@ extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
         #pragma unroll
         for (int i = 0; i < 4 * MT; i++) acc[i] += accs[u][i];
     asm volatile("cp.async.wait_group 0;" ::: "memory");
+    EPILOGUE
+}
+"""
+
+def shared_bytes(mt, cb, st, wg):
+    return 32768 + st * cb * (mt * 1024 + 4 * wg * (512 + 64))
+
+
+EPILOGUE = r"""
     // acc[4j + 2h + e] = out[m = 8j + 2c + e, n = 16G + g + 8h]
     if (split_k == 1) {
         if (G < n_groups) {
@@ -260,19 +274,127 @@ extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
         }
     }
     if (tid == 0) counters[blockIdx.x] = 0;
-}
 """
 
-def shared_bytes(mt, cb, st, wg):
-    return 32768 + st * cb * (mt * 1024 + 4 * wg * (512 + 64))
+LEAN = r"""
+// The same pipeline, lean: every shared-memory address a per-thread base (+ the stage's offset) plus an
+// immediate, descriptors likewise, running source pointers, x copied by each thread at a fixed row and piece.
+extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
+        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
+        const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
+        int M, int N, int K, int stride_xm, int stride_om, int split_k) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ int is_last;
+    constexpr int S = SVAL, THREADS = 128 * WG, WARPS = 4 * WG, PF = S - 2;
+    constexpr int SLICE = MT * 256, BLOCK_X = 4 * SLICE;
+    constexpr int STAGE_X = CB * BLOCK_X, STAGE_W = CB * WARPS * 512, STAGE_S = CB * WARPS * 64;
+    constexpr int RP = THREADS / 8, ROWS = 8 * MT;  // x: slots (block, row) per pass of the threads; rows staged
+    constexpr int XP = CB * ROWS / RP;  // passes per stage
+    static_assert(XP >= 1 && XP * RP == CB * ROWS, "x slots do not split evenly");
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    u32* lut = (u32*)smem;
+    for (int b = tid >> 3; b < 256; b += THREADS / 8) {
+        const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
+        *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
+    }
+    const u32 lut0 = smem_addr(smem), xs0 = lut0 + 32768, ws0 = xs0 + S * STAGE_X, ss0 = ws0 + S * STAGE_W;
+    const int n_groups = N >> 4;
+    const int G = blockIdx.x * WARPS + warp;
+    const int Gc = min(G, n_groups - 1);
+    const int nb = K >> 6;
+    const int per = (nb + split_k - 1) / split_k;
+    const int kb0 = blockIdx.y * per;
+    const int kb1 = min(kb0 + per, nb);
+    const int stages = (kb1 - kb0 + CB - 1) / CB;
+    const int g = lane >> 2, c = lane & 3;
+    const u32 lane4 = lane << 2;
+    const uint4* wsrc = wq + ((size_t)Gc * nb + kb0) * 32 + lane;
+    const uint4* ssrc = (const uint4*)(scales + ((size_t)Gc * nb + kb0) * 8) + (lane & 3);
+    const u32 wlane = ws0 + warp * 512 + lane * 16, sdst = ss0 + warp * 64 + (lane & 3) * 16, slane = ss0 + warp * 64 + g * 8;
+    // x: this thread copies piece p = tid % 8 (k 8p .. 8p + 7 of a block: MMA p / 2, K slots 8 (p % 2) ..) of
+    // slot tid / 8 + RP j of each stage: slot = block * ROWS + row
+    const int p = tid & 7, row0 = (tid >> 3) % ROWS, bb0 = (tid >> 3) / ROWS;
+    const u32 xdst = xs0 + bb0 * BLOCK_X + (p >> 1) * SLICE + (p & 1) * 128 + (row0 >> 3) * 256 + (row0 & 7) * 16;
+    const u16* xsrc = x + (size_t)row0 * stride_xm + (kb0 + bb0) * 64 + 8 * p;
+    const u32 dlo = ((xs0 & 0x3FFFF) >> 4) | ((128 >> 4) << 16);  // descriptor: address, LBO 128; SBO 256 high
+    float acc[4 * MT];
+    #pragma unroll
+    for (int i = 0; i < 4 * MT; i++) acc[i] = 0.f;
+    const int nblk = kb1 - kb0;
+    int next = 0;  // the next block to copy, relative to kb0; the pointers below point at it
+    const uint4* wnext = wsrc;
+    const uint4* snext = ssrc;
+    const u16* xnext = xsrc;
+    auto issue = [&](const int buf) {
+        #pragma unroll
+        for (int d = 0; d < CB; d++) {
+            if (next + d < nblk) {
+                cp16(wlane + buf * STAGE_W + d * WARPS * 512, wnext + d * 32);
+                if (lane < 4) cp16(sdst + buf * STAGE_S + d * WARPS * 64, snext + d * 4);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < XP; j++) {
+            const int drow = RP < ROWS ? RP * (j % (ROWS / RP)) : 0;  // multiples of 8
+            const int dbb = RP < ROWS ? j / (ROWS / RP) : (RP / ROWS) * j;
+            const bool ok = row0 + drow < M && next + bb0 + dbb < nblk;
+            cp16z(xdst + buf * STAGE_X + dbb * BLOCK_X + (drow >> 3) * 256, ok ? xnext + drow * stride_xm + dbb * 64 : x, ok);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        next += CB; wnext += CB * 32; snext += CB * 4; xnext += CB * 64;
+    };
+    #pragma unroll
+    for (int st = 0; st < PF; st++) issue(st);
+    u32 a[2][16];
+    int rbuf = 0, wbuf = PF;  // the stage buffers read and written next
+    for (int st = 0; st < stages; st++) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(PF - 1) : "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();  // stage st is in; every thread is done with stage st - 2's buffer (MMAs included)
+        issue(wbuf);
+        wbuf = wbuf + 1 == S ? 0 : wbuf + 1;
+        const u32 wb = wlane + rbuf * STAGE_W, sb = slane + rbuf * STAGE_S, db = dlo + rbuf * (STAGE_X >> 4);
+        rbuf = rbuf + 1 == S ? 0 : rbuf + 1;
+        #pragma unroll
+        for (int d = 0; d < CB; d++) {
+            if (st * CB + d < nblk) {
+                const uint4 w = lds128(wb + d * WARPS * 512);
+                const uint2 sc = lds64(sb + d * WARPS * 64);
+                u32 s2; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(s2) : "f"(__uint_as_float(sc.y)), "f"(__uint_as_float(sc.x)));
+                const u32 s_g = prmt(s2, s2, 0x1010), s_g8 = prmt(s2, s2, 0x3232);
+                u32* ar = a[d & 1];
+                #pragma unroll
+                for (int t = 0; t < 4; t++) {
+                    const u32 q = word(w, t);
+                    ar[4 * t + 0] = hmul2(lds32(lut0 + (((q << 7) & 0x7F80) | lane4)), s_g);
+                    ar[4 * t + 1] = hmul2(lds32(lut0 + (((q >> 1) & 0x7F80) | lane4)), s_g8);
+                    ar[4 * t + 2] = hmul2(lds32(lut0 + (((q >> 9) & 0x7F80) | lane4)), s_g);
+                    ar[4 * t + 3] = hmul2(lds32(lut0 + (((q >> 17) & 0x7F80) | lane4)), s_g8);
+                }
+                u64 ds[4];
+                #pragma unroll
+                for (int t = 0; t < 4; t++) ds[t] = ((u64)(256 >> 4) << 32) | (db + ((d * BLOCK_X + t * SLICE) >> 4));
+                WG_ISSUE(acc, ar, ds);
+                WG_WAIT<1>(acc);
+            }
+        }
+    }
+    WG_WAIT<0>(acc);
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    EPILOGUE
+}
+"""
 
 
 # (MT, CB, S, WG) compiled; MT = column tiles of 8 rows (rows <= 8 MT)
 VARIANTS = [(mt, cb, st, wg, ac) for mt in (2, 4, 8) for cb, st in ((2, 4), (4, 4)) for wg in (1, 2) for ac in (1, 2)
             if shared_bytes(mt, cb, st, wg) <= 227 * 1024 and cb * mt * 64 % (128 * wg) == 0]
+VARIANTS += [(mt, cb, st, 2, 0) for mt in (2, 4, 8) for cb, st in ((2, 4), (2, 5), (2, 6))
+             if shared_bytes(mt, cb, st, 2) <= 227 * 1024 and cb * mt * 8 >= 32]
 
 
 def name(mt, cb, st, wg, ac):
+    """ac: accumulator sets of the first kernel; 0 = the lean kernel."""
     return f"wg_{mt}_{cb}_{st}_{wg}_{ac}"
 
 
@@ -281,11 +403,12 @@ def source(variants=VARIANTS):
     for mt in sorted({v[0] for v in variants}):
         s += wgmma_fns(mt)
     for mt, cb, st, wg, ac in variants:
-        body = BODY
+        body = (BODY if ac else LEAN).replace("EPILOGUE", EPILOGUE)
         for key, value in (("KNAME", name(mt, cb, st, wg, ac)), ("AC", str(ac)), ("WG_ISSUE", f"wg_issue_{mt}"), ("WG_WAIT", f"wg_wait_{mt}"),
                            ("MT", str(mt)), ("CB", str(cb)), ("WG", str(wg))):
             body = body.replace(key, value)
-        s += body.replace("PF = S - 2", f"PF = {st} - 2").replace("st % S", f"st % {st}").replace("S * STAGE", f"{st} * STAGE")
+        s += (body.replace("PF = S - 2", f"PF = {st} - 2").replace("st % S", f"st % {st}").replace("S * STAGE", f"{st} * STAGE")
+              .replace("SVAL", str(st)))
     return s
 
 
