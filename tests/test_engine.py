@@ -81,6 +81,30 @@ def test_prefill_logits_match_hf_forward(tokenizer):
     assert sum(k.abs().sum() for k in engine.cache.k) > 0
 
 
+def test_prefill_attention_never_takes_cudnn(tokenizer, monkeypatch):
+    """Prefill's SDPA runs with cuDNN's backend off (it builds a plan per new shape: seconds on an
+    H200), flash / memory-efficient / math on, and gives the same logits as before."""
+    hf = tiny_model(seed=7)
+    fast = FastMistral.from_hf(hf)
+    Engine(fast, tokenizer, max_batch=2, max_len=64, compile=False)
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return original(*args, **kwargs)
+
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 16))
+    args = (tokens, torch.tensor([16, 9]), torch.tensor([0, 1]), torch.tensor([-1, -1]))
+    expected = fast.prefill(*args)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = fast.prefill(*args)
+    assert len(seen) == hf.config.num_hidden_layers and set(seen) == {(False, True, True, True)}
+    assert torch.equal(got, expected)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside prefill
+
+
 def test_fused_prefill_ops_match_eager(tokenizer):
     """The compiled elementwise steps of prefill (what GPUs run) against the eager ones, on CPU.
 

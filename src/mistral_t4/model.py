@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mistral_t4 import kernels
 from mistral_t4.kernels.attention import decode_attention, decode_attention_reference
@@ -67,6 +68,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # whole, so inductor fuses these there already; prefill runs eagerly (its shapes vary), and
 # takes the compiled versions of just these functions on GPUs (`fused_ops`).
 EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate_qk=rotate_qk, silu_mul=silu_mul)
+
+
+# Prefill attention: PyTorch's flash kernel, its memory-efficient one (which runs on sm75 and
+# takes masks) or, on CPU, the math one. Not cuDNN's, which PyTorch prefers on sm90: it builds an
+# execution plan at every new (prompts, length) shape, 0.08-3.9 s on an H200 for each first call
+# (a new prompt length in the chat stalls for seconds), where these cost 10-35 ms more than later
+# calls and the same once warm (bench/results/h200_2026-11-26_s4_prefill_sdpa/).
+PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # Inductor keeps fused intermediates in fp32 unless told to round them where eager PyTorch
@@ -241,10 +250,11 @@ class FastMistral(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, T, head_dim)
             q, k = ops.rotate_qk(q, k, cos, sin)
             self.cache.write_prefill(index, slots, k, v)
-            attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True,
-                scale=self.head_dim**-0.5,
-            )  # (n, n_heads, T, head_dim)
+            with sdpa_kernel(PREFILL_SDPA):
+                attn = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True,
+                    scale=self.head_dim**-0.5,
+                )  # (n, n_heads, T, head_dim)
             x, h = ops.add_rms_norm(x, layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks),
                                     layer.post_norm, self.eps)
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
