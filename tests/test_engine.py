@@ -105,6 +105,43 @@ def test_prefill_attention_never_takes_cudnn(tokenizer, monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside prefill
 
 
+@torch.inference_mode()  # as the engine prefills
+def _prefill_shapes(fast, ops, shapes):
+    for n, length in shapes:
+        tokens = torch.randint(0, fast.embed.shape[0], (n, length))
+        fast.prefill(tokens, torch.full((n,), length), torch.arange(n), torch.full((n,), -1), ops)
+
+
+def test_prefill_compiles_nothing_after_warm_up(tokenizer):
+    """After warm-up (1 and 2 prompts at two lengths, as the engine does), prefill at other prompt
+    counts and lengths reuses the compiled graphs: a recompile there stalled a request for seconds
+    on an H200. Warming one length only does recompile: dynamo takes sizes equal at the first
+    trace for one symbol (here the length 128 and the fused qkv width 128; on the GPU, the
+    bucket 128 and Mistral's head_dim 128), so this test can tell."""
+    from mistral_t4 import model as model_module
+
+    hf = tiny_model(seed=11)
+    fast = FastMistral.from_hf(hf)
+    assert fast.layers[0].qkv.out_features == 128
+    Engine(fast, tokenizer, max_batch=8, max_len=320, compile=False)
+    new_shapes = [(3, 64), (1, 192), (5, 128), (2, 320), (8, 32)]
+    try:
+        for warm, recompiles in [((128,), True), ((128, 256), False)]:
+            torch._dynamo.reset()
+            model_module.fused_ops.cache_clear()
+            fused = model_module.fused_ops()
+            fast.warm_prefill_ops(fused, warm)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                if recompiles:
+                    with pytest.raises(torch._dynamo.exc.RecompileError):
+                        _prefill_shapes(fast, fused, new_shapes)
+                else:
+                    _prefill_shapes(fast, fused, new_shapes)
+    finally:
+        torch._dynamo.reset()
+        model_module.fused_ops.cache_clear()
+
+
 def test_fused_prefill_ops_match_eager(tokenizer):
     """The compiled elementwise steps of prefill (what GPUs run) against the eager ones, on CPU.
 

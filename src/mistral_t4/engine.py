@@ -203,7 +203,8 @@ class Engine:
         elif self.compile:
             self._forward(self.tokens, self.positions, self.adapter_ids)
         if self.prefill_ops is not EAGER_OPS:
-            self.model.warm_prefill_ops(self.prefill_ops, min(self.prefill_bucket, self.max_len))
+            bucket = min(self.prefill_bucket, self.max_len)
+            self.model.warm_prefill_ops(self.prefill_ops, tuple(sorted({bucket, min(2 * bucket, self.max_len)})))
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
         self.tokens.zero_()

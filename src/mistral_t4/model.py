@@ -72,9 +72,9 @@ EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate
 
 # Prefill attention: PyTorch's flash kernel, its memory-efficient one (which runs on sm75 and
 # takes masks) or, on CPU, the math one. Not cuDNN's, which PyTorch prefers on sm90: it builds an
-# execution plan at every new (prompts, length) shape, 0.08-3.9 s on an H200 for each first call
-# (a new prompt length in the chat stalls for seconds), where these cost 10-35 ms more than later
-# calls and the same once warm (bench/results/h200_2026-11-26_s4_prefill_sdpa/).
+# execution plan at every new (prompts, length) shape, 38-49 ms added to each first call on an
+# H200, against 0-19 ms for these, and no faster once warm (bench/prefill_shapes.py; results in
+# bench/results/h200_2026-11-26_s4_prefill_shapes/).
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -264,24 +264,28 @@ class FastMistral(nn.Module):
         return F.linear(last, self.lm_head).float()
 
     @torch.inference_mode()
-    def warm_prefill_ops(self, ops: SimpleNamespace, length: int) -> None:
-        """Call `ops` on dummy tensors shaped and laid out as in `prefill`, for 1 and 2 prompts.
+    def warm_prefill_ops(self, ops: SimpleNamespace, lengths: int | tuple[int, ...]) -> None:
+        """Call `ops` on dummy tensors shaped and laid out as in `prefill`: 1 and 2 prompts, each length.
 
-        Compiles `fused_ops()` ahead of the first real prefill; with dynamic shapes, one
-        prompt (a size-1 dimension) and several are the two graphs. Touches no cache.
+        Compiles `fused_ops()` ahead of the first real prefill, so that no request pays for it.
+        With dynamic shapes, one prompt (a size-1 dimension) and several are two graphs, and a
+        second length matters: dynamo assumes sizes equal at the first trace are the same symbol
+        (the bucket 128 and Mistral's head_dim 128), so the first other length recompiled every
+        function (3 s on an H200, inside a request). Touches no cache.
         """
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         hidden = self.embed.shape[1]
         inter = self.layers[0].gate_up.out_features // 2
-        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
-        for n in (1, 2):
-            x = torch.zeros(n, length, hidden, dtype=self.dtype, device=self.device)
-            ops.rms_norm(x, self.norm, self.eps)
-            ops.add_rms_norm(x, x, self.norm, self.eps)
-            ops.silu_mul(torch.zeros(n, length, 2 * inter, dtype=self.dtype, device=self.device))
-            qkv = torch.zeros(n, length, q_size + 2 * kv_size, dtype=self.dtype, device=self.device)
-            q, k, _ = self._split_qkv(qkv)
-            ops.rotate_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        for length in (lengths,) if isinstance(lengths, int) else lengths:
+            cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+            for n in (1, 2):
+                x = torch.zeros(n, length, hidden, dtype=self.dtype, device=self.device)
+                ops.rms_norm(x, self.norm, self.eps)
+                ops.add_rms_norm(x, torch.zeros_like(x), self.norm, self.eps)  # two tensors, as in prefill
+                ops.silu_mul(torch.zeros(n, length, 2 * inter, dtype=self.dtype, device=self.device))
+                qkv = torch.zeros(n, length, q_size + 2 * kv_size, dtype=self.dtype, device=self.device)
+                q, k, _ = self._split_qkv(qkv)
+                ops.rotate_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
         """One token for every slot of the cache -> logits (max_batch, vocab).
