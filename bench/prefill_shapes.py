@@ -1,6 +1,6 @@
 """Prefill at new shapes: the first call at each (prompts, length) and the calls after it, on a GPU.
 
-    python bench/prefill_shapes.py [--model random-7b] [--quant nf4]   # JSON to $OUT/prefill_shapes.json
+    python bench/prefill_shapes.py [--model random-7b] [--quant nf4] [--warm 128,256]   # JSON to $OUT/prefill_shapes.json
 
 A server sees prompts of many lengths: every new (prompts, padded length) shape is a new
 attention call. PyTorch's SDPA prefers cuDNN's kernel on sm90, which builds an execution
@@ -8,7 +8,9 @@ plan the first time it sees a shape; `mistral_t4.model.PREFILL_SDPA` leaves cuDN
 times `FastMistral.prefill` at shapes not seen before, first call and two more, with the
 package's backends and with every backend enabled (PyTorch's default choice), each on its
 own shapes so that neither reuses the other's plans. The elementwise steps are compiled and
-warmed first (as the engine does), so first-call costs are attention's and the libraries'.
+warmed first at the `--warm` lengths (by default the engine's: the bucket and twice it), so
+first-call costs are attention's and the libraries'; `--warm 128` shows what one warm-up
+length left to the first requests (run with TORCH_LOGS=recompiles to see why).
 """
 
 import argparse
@@ -36,13 +38,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random-7b")
     parser.add_argument("--quant", default="nf4")
+    parser.add_argument("--warm", default="128,256", help="prefill lengths the fused ops are warmed at")
     args = parser.parse_args()
+    warm = tuple(int(v) for v in args.warm.split(","))
     device = torch.device("cuda")
     hf_model, _ = loading.load(args.model, quant=args.quant, device="cuda")
     fast = FastMistral.from_hf(hf_model, decode_rows=32)
     fast.attach_cache(StaticKVCache(fast.config, 32, 512, fast.dtype, device))
     ops = fused_ops()
-    fast.warm_prefill_ops(ops, 128)
+    fast.warm_prefill_ops(ops, warm)
     vocab = fast.embed.shape[0]
 
     def prefill_ms(n, length):
@@ -70,10 +74,11 @@ def main():
                       flush=True)
         finally:
             model_module.PREFILL_SDPA = package_backends
-    report = dict(system=devices.describe(device), model=args.model, quant=args.quant,
+    report = dict(system=devices.describe(device), model=args.model, quant=args.quant, warm_lengths=warm,
                   note="the first row of a set also pays its backends' one-time start-up (a (1, 64) prefill ran before both)", results=rows)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "prefill_shapes.json"), "w") as f:
+        name = "prefill_shapes.json" if warm == (128, 256) else f"prefill_shapes_warm_{args.warm.replace(',', '_')}.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(report, f, indent=1)
     print(json.dumps(report))
 
