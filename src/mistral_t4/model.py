@@ -72,8 +72,8 @@ EAGER_OPS = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate
 
 # Prefill attention: PyTorch's flash kernel, its memory-efficient one (which runs on sm75 and
 # takes masks) or, on CPU, the math one. Not cuDNN's, which PyTorch prefers on sm90: it builds an
-# execution plan at every new (prompts, length) shape, 38-49 ms added to each first call on an
-# H200, against 0-19 ms for these, and no faster once warm (bench/prefill_shapes.py; results in
+# execution plan at every new (prompts, length) shape, 35-49 ms added to each first call on an
+# H200, against 0-24 ms for these, and no faster once warm (bench/prefill_shapes.py; results in
 # bench/results/h200_2026-11-26_s4_prefill_shapes/).
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
