@@ -105,6 +105,20 @@ def test_prefill_attention_never_takes_cudnn(tokenizer, monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # only inside prefill
 
 
+def test_warm_up_prefills_leave_no_trace(tokenizer):
+    """The warm-up's dummy prefills (GPU engines) write only cache rows that real prefills overwrite:
+    no slot taken, no decode state, and the greedy tokens afterwards still equal HF's."""
+    hf = tiny_model(seed=12)
+    prompts = ragged_prompts(3, hf.config.vocab_size, seed=13)
+    expected = [hf_greedy(hf, p, 8) for p in prompts]
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=3, max_len=64, compile=False)
+    engine._warm_prefill(16)
+    assert sum(k[:2].abs().sum() for k in engine.cache.k) > 0  # it did run, into rows 0 and 1
+    assert engine.free_slots() == 3 and not engine.active
+    assert not engine.tokens.any() and not engine.positions.any() and not engine.running.any()
+    assert run_engine(engine, prompts, 8) == expected
+
+
 @torch.inference_mode()  # as the engine prefills
 def _prefill_shapes(fast, ops, shapes):
     for n, length in shapes:

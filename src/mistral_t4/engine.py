@@ -205,11 +205,22 @@ class Engine:
         if self.prefill_ops is not EAGER_OPS:
             bucket = min(self.prefill_bucket, self.max_len)
             self.model.warm_prefill_ops(self.prefill_ops, tuple(sorted({bucket, min(2 * bucket, self.max_len)})))
+            self._warm_prefill(bucket)
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
         self.tokens.zero_()
         self.positions.zero_()
         return self.compile_seconds
+
+    @torch.inference_mode()
+    def _warm_prefill(self, length: int) -> None:
+        """Whole prefills of 1 and 2 dummy prompts into the first slots (free before serving; a real
+        prefill overwrites them), so that the first request does not pay the libraries' first calls."""
+        for n in sorted({1, min(2, self.max_batch)}):
+            tokens = torch.zeros(n, length, dtype=torch.long, device=self.device)
+            rows = torch.arange(n, device=self.device)
+            self.model.prefill(tokens, torch.full((n,), length, device=self.device), rows,
+                               torch.full((n,), -1, device=self.device), self.prefill_ops)
 
     # ---------------------------------------------------------------- internals
 
