@@ -118,18 +118,36 @@ __device__ __forceinline__ uint2 lds64(u32 a) {
 
 """
 
-BODY = r"""
-// out (M, N) = x (M <= 8 MT, K) @ W.T, W in the fragment layout. Grid (cdiv(N, 64 WG), split_k), 128 WG threads:
-// warpgroup wg of block x owns rows 64 (WG x + wg) .. + 63, warp w the 16-row group 4 (WG x + wg) + w.
-// A st of S stages in shared memory, CB blocks of 64 K each, filled by cp.async PF = S - 2 stages ahead:
-// weights (each lane copies and reads back its own 16 bytes), scales (64 bytes per warp and block), and
-// x (4-byte copies that put it in wgmma's K-major core-matrix layout, in the fragment layout's K order).
+# the signature and shared memory of both kernels (KNAME, WG substituted per variant)
+KERNEL_HEAD = r"""
 extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
         int M, int N, int K, int stride_xm, int stride_om, int split_k) {
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ int is_last;
+"""
+
+# this warp's row group G (Gc: clamped) and this CTA's K blocks kb0 .. kb1 (split-K), in stages of CB blocks
+TILE_RANGE = r"""
+    const int n_groups = N >> 4;
+    const int G = blockIdx.x * WARPS + warp;
+    const int Gc = min(G, n_groups - 1);  // past the end: recompute the last group, never stored
+    const int nb = K >> 6;
+    const int per = (nb + split_k - 1) / split_k;
+    const int kb0 = blockIdx.y * per;
+    const int kb1 = min(kb0 + per, nb);
+    const int stages = (kb1 - kb0 + CB - 1) / CB;
+    const int g = lane >> 2, c = lane & 3;
+"""
+
+BODY = r"""
+// out (M, N) = x (M <= 8 MT, K) @ W.T, W in the fragment layout. Grid (cdiv(N, 64 WG), split_k), 128 WG threads:
+// warpgroup wg of block x owns rows 64 (WG x + wg) .. + 63, warp w the 16-row group 4 (WG x + wg) + w.
+// A ring of S stages in shared memory, CB blocks of 64 K each, filled by cp.async PF = S - 2 stages ahead:
+// weights (each lane copies and reads back its own 16 bytes), scales (64 bytes per warp and block), and
+// x (4-byte copies that put it in wgmma's K-major core-matrix layout, in the fragment layout's K order).
+KERNEL_HEAD
     u32* lut = (u32*)smem;  // 32 KB: 256 entries x 32 copies
     constexpr int THREADS = 128 * WG, WARPS = 4 * WG, PF = S - 2;
     constexpr int SLICE = MT * 256;  // x for one k16 step: MT core matrices along N x 2 along K, 128 B each
@@ -141,15 +159,7 @@ extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
         *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
     }
     const u32 xs0 = smem_addr(smem + 32768), ws0 = xs0 + S * STAGE_X, ss0 = ws0 + S * STAGE_W;
-    const int n_groups = N >> 4;
-    const int G = blockIdx.x * WARPS + warp;
-    const int Gc = min(G, n_groups - 1);  // past the end: recompute the last group, never stored
-    const int nb = K >> 6;
-    const int per = (nb + split_k - 1) / split_k;
-    const int kb0 = blockIdx.y * per;
-    const int kb1 = min(kb0 + per, nb);
-    const int stages = (kb1 - kb0 + CB - 1) / CB;
-    const int g = lane >> 2, c = lane & 3;
+TILE_RANGE
     const char* lut_lane = (const char*)lut + (lane << 2);
     const uint4* wp = wq + (size_t)Gc * nb * 32 + lane;
     const uint4* sp = (const uint4*)(scales + (size_t)Gc * nb * 8) + lane;  // lanes 0-3: 16 bytes of a block's 64
@@ -279,12 +289,7 @@ EPILOGUE = r"""
 LEAN = r"""
 // The same pipeline, lean: every shared-memory address a per-thread base (+ the stage's offset) plus an
 // immediate, descriptors likewise, running source pointers, x copied by each thread at a fixed row and piece.
-extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
-        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
-        const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    __shared__ int is_last;
+KERNEL_HEAD
     constexpr int S = SVAL, THREADS = 128 * WG, WARPS = 4 * WG, PF = S - 2;
     constexpr int SLICE = MT * 256, BLOCK_X = 4 * SLICE;
     constexpr int STAGE_X = CB * BLOCK_X, STAGE_W = CB * WARPS * 512, STAGE_S = CB * WARPS * 64;
@@ -298,15 +303,7 @@ extern "C" __global__ void __launch_bounds__(128 * WG) KNAME(
         *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
     }
     const u32 lut0 = smem_addr(smem), xs0 = lut0 + 32768, ws0 = xs0 + S * STAGE_X, ss0 = ws0 + S * STAGE_W;
-    const int n_groups = N >> 4;
-    const int G = blockIdx.x * WARPS + warp;
-    const int Gc = min(G, n_groups - 1);
-    const int nb = K >> 6;
-    const int per = (nb + split_k - 1) / split_k;
-    const int kb0 = blockIdx.y * per;
-    const int kb1 = min(kb0 + per, nb);
-    const int stages = (kb1 - kb0 + CB - 1) / CB;
-    const int g = lane >> 2, c = lane & 3;
+TILE_RANGE
     const u32 lane4 = lane << 2;
     const uint4* wsrc = wq + ((size_t)Gc * nb + kb0) * 32 + lane;
     const uint4* ssrc = (const uint4*)(scales + ((size_t)Gc * nb + kb0) * 8) + (lane & 3);
@@ -403,7 +400,8 @@ def source(variants=VARIANTS):
     for mt in sorted({v[0] for v in variants}):
         s += wgmma_fns(mt)
     for mt, cb, st, wg, ac in variants:
-        body = (BODY if ac else LEAN).replace("EPILOGUE", EPILOGUE)
+        body = ((BODY if ac else LEAN).replace("KERNEL_HEAD\n", KERNEL_HEAD).replace("TILE_RANGE\n", TILE_RANGE)
+                .replace("EPILOGUE", EPILOGUE))
         for key, value in (("KNAME", name(mt, cb, st, wg, ac)), ("AC", str(ac)), ("WG_ISSUE", f"wg_issue_{mt}"), ("WG_WAIT", f"wg_wait_{mt}"),
                            ("MT", str(mt)), ("CB", str(cb)), ("WG", str(wg))):
             body = body.replace(key, value)
