@@ -119,6 +119,24 @@ def test_warm_up_prefills_leave_no_trace(tokenizer):
     assert run_engine(engine, prompts, 8) == expected
 
 
+def test_warm_up_while_serving_changes_nothing(tokenizer):
+    """step() warms up lazily when nobody did (GPU engines), so warm-up may find sequences running:
+    it keeps their tokens, positions and cache rows (the warm-up prefills take free slots only)."""
+    hf = tiny_model(seed=14)
+    prompts = ragged_prompts(2, hf.config.vocab_size, seed=15)
+    expected = [hf_greedy(hf, p, 10) for p in prompts]
+    engine = Engine(FastMistral.from_hf(hf), tokenizer, max_batch=3, max_len=64, compile=False)
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=10)) for p in prompts]
+    engine.admit(seqs)
+    for _ in range(4):
+        engine.step()
+    engine.warmup()
+    engine._warm_prefill(16)  # what warm-up runs on a GPU: one free slot left, so only 1 dummy prompt
+    while engine.active:
+        engine.step()
+    assert [seq.tokens for seq in seqs] == expected
+
+
 @torch.inference_mode()  # as the engine prefills
 def _prefill_shapes(fast, ops, shapes):
     for n, length in shapes:

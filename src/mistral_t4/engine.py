@@ -189,6 +189,7 @@ class Engine:
         cudagraph trees do not allow in torch < 2.12 (pytorch issue #123177).
         """
         start = time.perf_counter()
+        state = self.tokens.clone(), self.positions.clone()  # running sequences' (step() may warm up lazily)
         if self.use_graph:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -208,17 +209,19 @@ class Engine:
             self._warm_prefill(bucket)
         devices.synchronize(self.device)
         self.compile_seconds = time.perf_counter() - start
-        self.tokens.zero_()
-        self.positions.zero_()
+        self.tokens.copy_(state[0])
+        self.positions.copy_(state[1])
         return self.compile_seconds
 
     @torch.inference_mode()
     def _warm_prefill(self, length: int) -> None:
-        """Whole prefills of 1 and 2 dummy prompts into the first slots (free before serving; a real
-        prefill overwrites them), so that the first request does not pay the libraries' first calls."""
-        for n in sorted({1, min(2, self.max_batch)}):
+        """Whole prefills of 1 and 2 dummy prompts into free slots (a real prefill overwrites them),
+        so that the first request does not pay the libraries' first calls. Running sequences' slots
+        are left alone."""
+        free = [slot for slot in range(self.max_batch) if slot not in self.active]
+        for n in sorted({1, min(2, len(free))} - {0}):
             tokens = torch.zeros(n, length, dtype=torch.long, device=self.device)
-            rows = torch.arange(n, device=self.device)
+            rows = torch.tensor(free[:n], device=self.device)
             self.model.prefill(tokens, torch.full((n,), length, device=self.device), rows,
                                torch.full((n,), -1, device=self.device), self.prefill_ops)
 
