@@ -104,6 +104,27 @@ def test_interpreted_kernel_matches_reference(dtype, group, sliding_window, num_
 
 
 @interpreted
+def test_interpreted_kernel_many_small_splits():
+    """As many splits as the default gives a lone row (chunks of a few tiles, some past every length)."""
+    from mistral_t4.kernels import attention_triton
+
+    q, k, v, lengths = random_case(4, dtype=torch.float16)
+    out = attention_triton.decode_attention(q, k, v, lengths, 0.2, None, num_splits=7, block_len=16)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, 0.2)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+
+
+def test_default_split_rule():
+    """One split once rows x KV heads fill the SMs; else ~4 programs per SM, chunks >= 64, <= 32 splits."""
+    attention_triton = pytest.importorskip("mistral_t4.kernels.attention_triton")
+    rule = attention_triton.default_num_splits
+    assert rule(32 * 8, 256, 132) == rule(32 * 8, 4096, 132) == 1  # W32 on an H100 / H200
+    assert rule(8, 512, 132) == 8 and rule(8, 4096, 132) == 32  # batch 1: cache length and the cap bind
+    assert rule(32, 2048, 132) == 17 and rule(64, 1024, 132) == 9
+    assert rule(8, 64, 132) == 1 and rule(8, 100, 132) == 2  # short caches: chunks of 64 positions at least
+
+
+@interpreted
 def test_interpreted_kernel_reads_strided_q():
     """q as the model produces it: a slice of a fused projection output, rows not contiguous."""
     from mistral_t4.kernels import attention_triton
