@@ -245,21 +245,21 @@ class FastMistral(nn.Module):
         masks = self.adapter_masks(adapter_ids, 2)
         attn_mask = self._prefill_mask(length)
         h = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
-        for index, layer in enumerate(self.layers):
-            q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (n, T, heads, head_dim)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, T, head_dim)
-            q, k = ops.rotate_qk(q, k, cos, sin)
-            self.cache.write_prefill(index, slots, k, v)
-            with sdpa_kernel(PREFILL_SDPA):
+        with sdpa_kernel(PREFILL_SDPA):  # the attention backends of every layer
+            for index, layer in enumerate(self.layers):
+                q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (n, T, heads, head_dim)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, T, head_dim)
+                q, k = ops.rotate_qk(q, k, cos, sin)
+                self.cache.write_prefill(index, slots, k, v)
                 attn = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True,
                     scale=self.head_dim**-0.5,
                 )  # (n, n_heads, T, head_dim)
-            x, h = ops.add_rms_norm(x, layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks),
-                                    layer.post_norm, self.eps)
-            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            x, h = ops.add_rms_norm(x, layer.down(ops.silu_mul(layer.gate_up(h, masks)), masks), following,
-                                    self.eps)
+                x, h = ops.add_rms_norm(x, layer.o(attn.transpose(1, 2).reshape(n, length, -1), masks),
+                                        layer.post_norm, self.eps)
+                following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
+                x, h = ops.add_rms_norm(x, layer.down(ops.silu_mul(layer.gate_up(h, masks)), masks), following,
+                                        self.eps)
         last = h[torch.arange(n, device=x.device), lengths - 1]  # (n, hidden), final norm applied
         return F.linear(last, self.lm_head).float()
 
