@@ -86,3 +86,22 @@ def test_wgmma_experiment_compiles(tmp_path):
     assert all(wgmma.name(*v) in usage for v in variants) and usage.count("LOCAL:0") == len(variants), usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     assert "HGMMA.64x32x16.F32" in sass and "HGMMA.64x64x16.F32" in sass and "LDGSTS" in sass
+
+
+def test_wide_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_wide.py instantiates the package kernel's template for each variant:
+    all compile for sm_90 (NVRTC, no GPU) with no local memory, each with its MMAs."""
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    triton = pytest.importorskip("triton")
+    wide = load("nf4_wide")
+    cubin = tmp_path / "wide.cubin"
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(wide.source(), "sm_90")[0])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    names = ["nf4_wide_%d_%d_%d_%d" % v for v in wide.VARIANTS]
+    assert all(name in usage for name in names) and usage.count("LOCAL:0") == len(names) + 3, usage
+    assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])

@@ -11,6 +11,7 @@ import re
 import subprocess
 
 import bitsandbytes as bnb
+import numpy as np
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
@@ -275,7 +276,7 @@ def test_cuda_split_rule():
 
     chosen = {name: matmul_split(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
-    assert chosen == {"qkv": 8, "o": 8, "gate_up": 1, "down": 8}
+    assert chosen == {"qkv": 8, "o": 16, "gate_up": 2, "down": 16}
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1)]:
         split = matmul_split(n, k, sms)
         assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
@@ -297,10 +298,49 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    assert "nf4_matmul" in usage and "nf4_dequantize" in usage
-    assert len(re.findall(r"LOCAL:0\b", usage)) == 2 and "STACK:0" in usage, usage
+    assert "nf4_matmul" in usage and "nf4_dequantize" in usage and "smem_base" in usage
+    assert len(re.findall(r"LOCAL:0\b", usage)) == 3 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    assert "HMMA.16816.F32" in sass and "LDS" in sass
+    matmul = sass[sass.index("Function : nf4_matmul"):]
+    matmul = matmul[:matmul.index("Function :", 1)] if "Function :" in matmul[1:] else matmul
+    # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
+    assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
+    assert len(re.findall(r"\bLDS\b", matmul)) >= 16
+
+
+def prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (nibble i of selector) & 7 of
+    the 8 bytes b:a, or that byte's sign replicated when the nibble's bit 3 is set."""
+    pool = (b << 32 | a).to_bytes(8, "little")
+    out = 0
+    for i in range(4):
+        nibble = selector >> (4 * i) & 15
+        byte = pool[nibble & 7]
+        if nibble & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+@pytest.mark.parametrize("window_start", [0, 1024, 48 * 1024])
+def test_cuda_table_address_is_one_prmt(window_start):
+    """The kernel's lookup address prmt(word, table | 4 lane, 0x76j4) is table + 256 byte_j + 4 lane
+    for every byte and lane, inside the 64 KB the host sizes, and lane l always hits bank l."""
+    from mistral_t4.kernels import nf4_cuda
+
+    table = (window_start + 0xFFFF) & ~0xFFFF
+    size = table - window_start + 65536
+    assert size <= 128 * 1024
+    rng = np.random.default_rng(window_start)
+    words = [int(w) for w in rng.integers(0, 2**32, size=64, dtype=np.uint64)] + [0, 0xFFFFFFFF, 0x80FF7F01]
+    for lane in range(32):
+        lane_base = table | (lane << 2)
+        for w in words:
+            for j in range(4):
+                address = prmt(w, lane_base, 0x7604 | (j << 4))
+                assert address == table + 256 * (w >> (8 * j) & 0xFF) + 4 * lane
+                assert window_start <= address < window_start + size and (address // 4) % 32 == lane
+    assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")

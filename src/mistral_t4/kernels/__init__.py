@@ -12,6 +12,10 @@ Which implementation runs is decided once, at load, from the device (`select_ker
     sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 8 rows per
                                  step (`decode_rows`: the chat), nf4_linear in CUDA
                                  (nf4_cuda.py, compiled by NVRTC) when it compiles there
+                                 and a block may have the shared memory of its table
+                                 (127 KB where the window starts at 1 KB, as on the
+                                 H200: A100/H100/H200 allow it; sm86/sm89 cards such as
+                                 the L4 allow 99 KB and keep Triton)
     MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
     MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch.
 `nf4_linear` follows the backend stored in its NF4Weight; for attention, call

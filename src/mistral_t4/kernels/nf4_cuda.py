@@ -6,24 +6,33 @@ mode); larger batches keep the Triton kernel, which wins from 16 rows up.
 
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
-fp32 rate), and the dequantized tile goes through shared memory to reach the tensor
-cores. This kernel, per 2 weights: 2 integer ops (an address) and one shared-memory load,
-and the result is already a tensor-core register:
+fp32 rate), and the dequantized tile goes through shared memory to reach the tensor cores.
+This kernel, per 2 weights: one byte permute (the address) and one shared-memory load, and
+the result is already a tensor-core register:
   * a byte -> half2 table in shared memory: entry b = (code[b & 15], code[b >> 4]) in fp16,
-    32 copies side by side (32 KB) so that lane l always reads bank l: no conflicts;
+    32 copies side by side so that lane l always reads bank l (no conflicts). Rows are 256
+    bytes apart (the copies fill the first 128) and the table starts on a 64 KB boundary
+    of the CTA's shared window, so table + 256 * byte_j + 4 * lane is one
+    `prmt(word, table | 4 * lane, 0x76j4)`: bytes [4 lane, byte j, table >> 16, table >> 24].
+    The window starts at 1 KB on sm90 (the driver's reserved part), so a CTA asks for
+    127 KB (`table_shared_bytes`, probed at load) and an SM holds one: 16 warps share it;
+    cards that give a block less (sm86/sm89: 99 KB) keep the Triton kernel (`available`);
   * `mma.sync.m16n8k16` with the table values as operand A straight from those registers, x
     as operand B (one column tile of 8 rows: M <= 8); a 64-weight block shares one absmax per
     row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
     accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
+  * each warp owns 2 groups of 16 weight rows (sharing x's fragments), with a ring of 4
+    blocks of 128-bit weight loads that skip L1, refilled as each block is used;
   * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
-    partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
-  * a ring of 4 loads in flight per warp (128-bit weight loads that skip L1).
-Measured: on an H200 with the best split per shape (bench/experiments/nf4_cuda.py) 1.41x
-the Triton kernel per layer at 1 row, 1.26x at 8, even at 16, slower above (each warp
-reloads x for every 16 weight rows; wgmma versions with x in shared memory and a cp.async
-pipeline gain 8% at 16 rows and lose from 32: bench/experiments/nf4_wgmma.py); on an H100 with the first
-`matmul_split` rule (bench/results/h100_2026-11-26_nf4_cuda/) 1.14x / 1.10x for a decode
-step's NF4 matmuls, batch-1 decode 4.22 -> 3.71 ms per token.
+    partials in a fixed order and resets its counter (one launch, CUDA-graph safe).
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps);
+bench/experiments/nf4_wide.py instantiates others from this source to tune it.
+Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
+layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
+address, a 32 KB table, 4 warps per CTA) and 109 us for the Triton kernel; at 8 rows 88-90 / 96
+/ 114; from 16 rows up the Triton kernel wins (each warp reloads x for every 32 weight rows).
+8 layers of decode-step matmuls in one graph at 1 row: 0.52 ms, 1.88 TB/s of NF4 (Triton:
+0.84 ms); batch-1 decode 3.30 -> 2.71 ms per token (bench/results/h200_2026-11-26_s5_prmt_table/).
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
 rows in groups of 16 (G), K in blocks of 64 (b). Per (G, b) 512 bytes; lane l = 4g + c of a
@@ -52,6 +61,8 @@ import torch
 BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
 GROUP = 16  # weight rows per MMA tile
 MAX_ROWS = 8  # rows of x per call (one 8-wide MMA column tile)
+WARPS, GROUPS_PER_WARP = 16, 2  # nf4_matmul's CTA: 16 warps x 2 row groups = 512 weight rows
+TILE_ROWS = WARPS * GROUPS_PER_WARP * GROUP
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -74,7 +85,7 @@ __device__ __forceinline__ uint4 ld_x(const uint4* p) {
     return r;
 }
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -85,116 +96,180 @@ __device__ __forceinline__ u16 to_half(float f) {
     return h;
 }
 
-#define RING 4
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r; }
+__device__ __forceinline__ u32 lds(u32 address) { u32 r; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(address)); return r; }
+__device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {  // C = 0
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
 
-// out (M, N) = x (M, K) @ W.T for M <= 8. Grid (cdiv(N / 16, 4), split_k), 128 threads: warp w of
-// block x owns row group 4x + w; block y a K range. counters: >= gridDim.x ints, zero on entry/exit.
-extern "C" __global__ void __launch_bounds__(128) nf4_matmul(
+// Where the CTA's shared window starts (0, or the 1 KB the driver reserves on sm90): the host
+// sizes the dynamic shared memory so that a 64 KB-aligned table fits (`table_shared_bytes`).
+extern "C" __global__ void smem_base(u32* out) {
+    extern __shared__ __align__(16) unsigned char window[];
+    out[0] = (u32)__cvta_generic_to_shared(window);
+}
+
+// out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, WARPS NG), split_k), 32 WARPS threads:
+// warp w of block x owns the NG row groups from (WARPS x + w) NG; block y a K range. Dynamic shared
+// memory: table_shared_bytes. counters: >= gridDim.x ints, zero on entry and on exit.
+template <int NT, int NG, int D, int WARPS>
+__device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
         int M, int N, int K, int stride_xm, int stride_om, int split_k) {
-    __shared__ __align__(16) u32 lut[256 * 32];
-    __shared__ int is_last;
+    extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    #pragma unroll 4
-    for (int r = 0; r < 16; r++) {  // row b of the table: 8 threads write its 32 copies, 4 words each
-        const int b = 16 * r + (tid >> 3);
-        const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
-        *(uint4*)(lut + b * 32 + (tid & 7) * 4) = make_uint4(v, v, v, v);
+    const u32 base = (u32)__cvta_generic_to_shared(window);
+    const u32 table = (base + 0xFFFFu) & ~0xFFFFu;  // 256 rows of 256 bytes on a 64 KB boundary
+    {
+        u32 size;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+        if (table + 65536u > base + size) __trap();  // the host asked for too little
     }
+    for (int i = tid; i < 2048; i += WARPS * 32) {  // row b = i >> 3: 8 x 16 bytes = its 32 copies
+        const int b = i >> 3;
+        const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
+        asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};" :: "r"(table + b * 256 + (i & 7) * 16), "r"(v));
+    }
+    const u32 flag = table + 128;  // in row 0's unused half
     __syncthreads();
+    // prmt(word, lane_base, 0x76j4) = table + 256 * (byte j of word) + 4 * lane: one instruction
+    const u32 lane_base = table | (lane << 2);
     const int n_groups = N >> 4;
-    const int G = blockIdx.x * 4 + warp;
+    const int G0 = (blockIdx.x * WARPS + warp) * NG;
     const int nb = K >> 6;
     const int per = (nb + split_k - 1) / split_k;
     const int kb0 = blockIdx.y * per;
     const int kb1 = min(kb0 + per, nb);
     const int g = lane >> 2, c = lane & 3;
-    const char* lut_lane = (const char*)lut + (lane << 2);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    if (G < n_groups) {
-        const uint4* wp = wq + (size_t)G * nb * 32 + lane;
-        const uint2* sp = scales + (size_t)G * nb * 8 + g;
-        const bool has_x = g < M;  // lane row g of the B tile is x's row g
-        const uint4* xp = (const uint4*)(x + (size_t)(has_x ? g : 0) * stride_xm + c * 16);
-        uint4 wr[RING];
-        uint2 sr[RING];
+    float acc[NG][NT][4];
+    #pragma unroll
+    for (int q = 0; q < NG; q++)
         #pragma unroll
-        for (int d = 0; d < RING; d++) {
-            const int b = kb0 + d;
-            if (b < kb1) { wr[d] = ld_stream(wp + (size_t)b * 32); sr[d] = ld_pair(sp + (size_t)b * 8); }
+        for (int nt = 0; nt < NT; nt++) acc[q][nt][0] = acc[q][nt][1] = acc[q][nt][2] = acc[q][nt][3] = 0.f;
+    if (G0 < n_groups) {
+        const uint4* wp[NG];
+        const uint2* sp[NG];
+        #pragma unroll
+        for (int q = 0; q < NG; q++) {
+            const int G = min(G0 + q, n_groups - 1);  // past the end: recompute the last group, never stored
+            wp[q] = wq + (size_t)G * nb * 32 + lane;
+            sp[q] = scales + (size_t)G * nb * 8 + g;
         }
-        for (int b0 = kb0; b0 < kb1; b0 += RING) {
+        const uint4* xp[NT];  // lane row g of the B tile is x's row 8 nt + g; rows past M read row M - 1:
+        #pragma unroll        // they only make output columns that are never stored
+        for (int nt = 0; nt < NT; nt++) xp[nt] = (const uint4*)(x + (size_t)min(nt * 8 + g, M - 1) * stride_xm + c * 16);
+        uint4 wr[D][NG];
+        uint2 sr[D][NG];
+        #pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int b = kb0 + d;
+            if (b < kb1) {
+                #pragma unroll
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+            }
+        }
+        for (int b0 = kb0; b0 < kb1; b0 += D) {
             #pragma unroll
-            for (int d = 0; d < RING; d++) {
+            for (int d = 0; d < D; d++) {
                 const int b = b0 + d;
                 if (b < kb1) {
-                    const uint4 w = wr[d];
-                    const uint2 s = sr[d];
-                    if (b + RING < kb1) { wr[d] = ld_stream(wp + (size_t)(b + RING) * 32); sr[d] = ld_pair(sp + (size_t)(b + RING) * 8); }
-                    uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
-                    if (has_x) { x0 = ld_x(xp + b * 8); x1 = ld_x(xp + b * 8 + 1); }
-                    float block[4] = {0.f, 0.f, 0.f, 0.f};  // this block's sums, scaled once below
+                    uint4 xv[NT][2];
                     #pragma unroll
-                    for (int t = 0; t < 4; t++) {
-                        const u32 q = word(w, t);  // byte j -> offset 128 * byte (+ 4 * lane): its table row
-                        const u32 a0 = *(const u32*)(lut_lane + ((q << 7) & 0x7F80));
-                        const u32 a1 = *(const u32*)(lut_lane + ((q >> 1) & 0x7F80));
-                        const u32 a2 = *(const u32*)(lut_lane + ((q >> 9) & 0x7F80));
-                        const u32 a3 = *(const u32*)(lut_lane + ((q >> 17) & 0x7F80));
-                        const uint4 xv = t < 2 ? x0 : x1;
-                        mma(block, a0, a1, a2, a3, word(xv, (2 * t) & 3), word(xv, (2 * t + 1) & 3));
+                    for (int nt = 0; nt < NT; nt++) { xv[nt][0] = ld_x(xp[nt] + b * 8); xv[nt][1] = ld_x(xp[nt] + b * 8 + 1); }
+                    #pragma unroll
+                    for (int q = 0; q < NG; q++) {
+                        float block[NT][4];  // this block's sums, scaled once below
+                        #pragma unroll
+                        for (int t = 0; t < 4; t++) {
+                            const u32 w = word(wr[d][q], t);
+                            const u32 a0 = lds(prmt(w, lane_base, 0x7604));
+                            const u32 a1 = lds(prmt(w, lane_base, 0x7614));
+                            const u32 a2 = lds(prmt(w, lane_base, 0x7624));
+                            const u32 a3 = lds(prmt(w, lane_base, 0x7634));
+                            #pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                const uint4 xw = xv[nt][t >> 1];
+                                if (t == 0) mma0(block[nt], a0, a1, a2, a3, word(xw, 0), word(xw, 1));
+                                else mma(block[nt], a0, a1, a2, a3, word(xw, (2 * t) & 3), word(xw, (2 * t + 1) & 3));
+                            }
+                        }
+                        // block[nt][2h + e]: weight row g + 8h, so absmax .x (h = 0) or .y (h = 1), in fp32
+                        const float s0 = __uint_as_float(sr[d][q].x), s1 = __uint_as_float(sr[d][q].y);
+                        #pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            acc[q][nt][0] = fmaf(s0, block[nt][0], acc[q][nt][0]);
+                            acc[q][nt][1] = fmaf(s0, block[nt][1], acc[q][nt][1]);
+                            acc[q][nt][2] = fmaf(s1, block[nt][2], acc[q][nt][2]);
+                            acc[q][nt][3] = fmaf(s1, block[nt][3], acc[q][nt][3]);
+                        }
                     }
-                    // block[2h + e]: weight row g + 8h, so absmax s.x (h = 0) or s.y (h = 1), in fp32
-                    acc[0] = fmaf(__uint_as_float(s.x), block[0], acc[0]);
-                    acc[1] = fmaf(__uint_as_float(s.x), block[1], acc[1]);
-                    acc[2] = fmaf(__uint_as_float(s.y), block[2], acc[2]);
-                    acc[3] = fmaf(__uint_as_float(s.y), block[3], acc[3]);
+                    if (b + D < kb1) {  // refill the slot just used: no register copies
+                        #pragma unroll
+                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
+                    }
                 }
             }
         }
     }
-    // acc[2h + e] = out[m = 2c + e, n = 16G + g + 8h]
+    // acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h]
     if (split_k == 1) {
-        if (G < n_groups) {
+        #pragma unroll
+        for (int q = 0; q < NG; q++) {
+            if (G0 + q >= n_groups) break;
             #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
-                if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[i]);
-            }
+            for (int nt = 0; nt < NT; nt++)
+                #pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                    if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[q][nt][i]);
+                }
         }
         return;
     }
-    if (G < n_groups) {
+    #pragma unroll
+    for (int q = 0; q < NG; q++) {
+        if (G0 + q >= n_groups) break;
         #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
-            if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[i];
-        }
+        for (int nt = 0; nt < NT; nt++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[q][nt][i];
+            }
     }
     __threadfence();  // every partial of this block is visible before the counter says so
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
+    if (tid == 0) {
+        const u32 last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
+        asm volatile("st.shared.u32 [%0], %1;" :: "r"(flag), "r"(last));
+    }
     __syncthreads();
-    if (!is_last) return;
+    u32 last;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(last) : "r"(flag));
+    if (!last) return;
     __threadfence();
-    if (G < n_groups) {
-        for (int i = 0; i < 4; i++) {
-            const int m = 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1);
-            if (m < M) {
-                float total = 0.f;
-                for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
-                    const float* p = partial + ((size_t)k * M + m) * N + n;
-                    float v;
-                    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-                    total += v;
-                }
-                out[(size_t)m * stride_om + n] = to_half(total);
-            }
+    const int rows = min(WARPS * NG * 16, N - blockIdx.x * WARPS * NG * 16);  // the block's tile, element by element
+    for (int e = tid; e < rows * M; e += WARPS * 32) {
+        const int m = e / rows, n = blockIdx.x * WARPS * NG * 16 + e % rows;
+        float total = 0.f;
+        for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
+            float v;
+            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
+            total += v;
         }
+        out[(size_t)m * stride_om + n] = to_half(total);
     }
     if (tid == 0) counters[blockIdx.x] = 0;
 }
+
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
+        const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
+        int split_k) { \
+    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
+NF4_MATMUL(nf4_matmul, 1, 2, 4, 16)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -267,15 +342,15 @@ def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch
 
 
 def matmul_split(n: int, k: int, sm_count: int) -> int:
-    """Split-K: the smallest power of two giving 3 blocks of 4 warps per SM, 4+ K blocks each.
+    """Split-K: the smallest power of two giving ~0.7+ CTAs per SM (one fits), 4+ K blocks each.
 
-    From the H200 sweep of bench/experiments/nf4_cuda.py (decode shapes, 1 and 8 rows): within
-    4% of the best split per shape. 3.5 per SM split gate_up (448 blocks) in two, 1.1 waves of
-    the 6 blocks an SM holds (32 KB table each): 11-17% slower than not splitting it."""
-    tiles = -(-n // (4 * GROUP))
+    From the H200 sweep of bench/experiments/nf4_wide.py (decode shapes, 1 row): the best
+    split per shape (qkv 8, o 16, gate_up 2, down 16 on 132 SMs); a second wave costs more
+    than the few idle SMs below one (qkv: 96 CTAs beat 192)."""
+    tiles = -(-n // TILE_ROWS)
     blocks = k // BLOCKSIZE
     split = 1
-    while tiles * split < 3 * sm_count and blocks >= 8 * split and split < 16:
+    while 10 * tiles * split < 7 * sm_count and blocks >= 8 * split and split < 16:
         split *= 2
     return split
 
@@ -387,7 +462,17 @@ def _module_cached(index: int) -> _Module:
     module = _Module(torch.device("cuda", index))
     for name in ("nf4_matmul", "nf4_dequantize"):  # looked up now, not during a CUDA-graph capture
         module.function(name)
+    module.table_shared = table_shared_bytes(module)
     return module
+
+
+def table_shared_bytes(module: _Module) -> int:
+    """Dynamic shared memory for nf4_matmul: from where the CTA's window starts to the end of a
+    64 KB table on the next 64 KB boundary (the window starts at 1 KB on sm90: 127 KB)."""
+    base = torch.zeros(1, dtype=torch.int32, device=torch.device("cuda", module.index))
+    module.launch("smem_base", (1, 1), 32, [base], shared=16)
+    start = int(base.item())
+    return ((start + 0xFFFF) & ~0xFFFF) - start + 65536
 
 
 def module(device: torch.device) -> _Module:
@@ -402,10 +487,11 @@ def available(device) -> bool:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        module(device)
-        return True
+        needed = module(device).table_shared
     except Exception:  # no NVRTC, an NVRTC too old for the card, a driver error: the Triton kernel serves
         return False
+    # sm86/sm89 (RTX 30/40, L4, A10) give a block at most 99 KB: the Triton kernel serves there
+    return needed <= getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
 
 
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
@@ -415,7 +501,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
     assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
-    assert tile_counters.numel() >= -(-n // (4 * GROUP)), "one counter per block of 64 rows"
+    assert tile_counters.numel() >= -(-n // TILE_ROWS), f"one counter per tile of {TILE_ROWS} rows"
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows must allow 16-byte loads
         x = x.contiguous()
     from . import multiprocessor_count
@@ -425,9 +511,11 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = (-(-n // (4 * GROUP)), split_k)
-    module(x.device).launch("nf4_matmul", grid, 128, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                      m, n, k, x.stride(0), out.stride(0), split_k])
+    grid = (-(-n // TILE_ROWS), split_k)
+    kernels = module(x.device)
+    kernels.launch("nf4_matmul", grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
+                                                    m, n, k, x.stride(0), out.stride(0), split_k],
+                   shared=kernels.table_shared)
     return out
 
 
