@@ -102,6 +102,6 @@ def test_wide_experiment_compiles(tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    names = ["nf4_wide_%d_%d_%d_%d" % v for v in wide.VARIANTS]
+    names = [wide.name(v) for v in wide.VARIANTS]
     assert all(name in usage for name in names) and usage.count("LOCAL:0") == len(names) + 3, usage
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])

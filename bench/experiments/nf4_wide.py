@@ -18,6 +18,10 @@ Results (H200, CUDA-graph replay with L2 flushed):
   * nf4_wide_h200_2026-11-26.json (this script): the package's instance 67.2 us per layer at
     1 row, 89.8 at 8; the best variant per shape 66.5 / 86.6: 16 warps of 2 groups and a ring
     of 4 are within 1-2% of the best everywhere at 1 row. 32 rows: 154.7 vs Triton 135.1.
+  * nf4_wide_l2_prefetch_h200_2026-11-26.json: PF > 0 (`prefetch.global.L2` of the weights
+    8-32 blocks ahead of the ring) gains nothing: PF = 0 is the best or within 2% per shape.
+    Nsight Compute on gate_up at 1 row (package instance): DRAM 40% of peak (1.9 TB/s), 16
+    warps per SM, 0.52 eligible per scheduler, half the stalls on L1TEX (global) scoreboards.
 At 32 rows x is the limit: each warp reloads 32 rows x 64 k of x (4 KB, from L1) for every
 1-2 groups of weights (1-2 KB); more groups per warp run out of registers (NT=4, NG=4: 249).
 """
@@ -30,11 +34,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (NT, NG, D, WARPS)
+# (NT, NG, D, WARPS, PF): PF > 0 prefetches the weights PF blocks ahead into L2
 VARIANTS = [
-    (1, 1, 4, 16), (1, 2, 4, 16), (1, 2, 2, 16), (1, 2, 6, 16), (1, 4, 2, 8), (1, 1, 4, 32), (1, 2, 4, 8),
-    (2, 1, 4, 16), (2, 2, 4, 8),
-    (4, 1, 4, 16), (4, 2, 4, 8), (4, 2, 2, 8),
+    (1, 2, 4, 16, 0), (1, 2, 4, 16, 8), (1, 2, 4, 16, 16), (1, 2, 4, 16, 32), (1, 1, 4, 16, 16), (1, 2, 2, 16, 16),
+    (1, 1, 4, 32, 16),
+    (2, 1, 4, 16, 0), (2, 1, 4, 16, 16),
+    (4, 1, 4, 16, 0), (4, 2, 4, 8, 16),
 ]
 
 
@@ -42,8 +47,11 @@ def source(variants=VARIANTS):
     """The package's kernel source, its template instantiated for each variant."""
     from mistral_t4.kernels import nf4_cuda
 
-    return nf4_cuda.SOURCE + "".join(f"NF4_MATMUL(nf4_wide_{nt}_{ng}_{d}_{w}, {nt}, {ng}, {d}, {w})\n"
-                                     for nt, ng, d, w in variants)
+    return nf4_cuda.SOURCE + "".join(f"NF4_MATMUL({name(v)}, {', '.join(map(str, v))})\n" for v in variants)
+
+
+def name(v):
+    return "nf4_wide_" + "_".join(map(str, v))
 
 
 def column_tiles(m):
@@ -61,11 +69,11 @@ class Wide:
         import ctypes
 
         count = ctypes.c_int()
-        self.mod.cuda.cuFuncGetAttribute(ctypes.byref(count), 4, self.mod.function("nf4_wide_%d_%d_%d_%d" % v))
+        self.mod.cuda.cuFuncGetAttribute(ctypes.byref(count), 4, self.mod.function(name(v)))
         return count.value
 
     def matmul(self, x, w, split_k, v, out=None):
-        nt, ng, d, warps = v
+        nt, ng, d, warps, _ = v
         m, k = x.shape
         n = w.packed.shape[0]
         assert m <= 8 * nt
@@ -73,7 +81,7 @@ class Wide:
             out = torch.empty((m, n), dtype=torch.float16, device=x.device)
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         tiles = -(-(n // 16) // (warps * ng))
-        self.mod.launch("nf4_wide_%d_%d_%d_%d" % v, (tiles, split_k), warps * 32,
+        self.mod.launch(name(v), (tiles, split_k), warps * 32,
                         [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
                          out.stride(0), split_k], shared=self.shared)
         return out
