@@ -18,8 +18,9 @@ Results (H200, CUDA-graph replay with L2 flushed):
   * nf4_wide_h200_2026-11-26.json (this script): the package's instance 67.2 us per layer at
     1 row, 89.8 at 8; the best variant per shape 66.5 / 86.6: 16 warps of 2 groups and a ring
     of 4 are within 1-2% of the best everywhere at 1 row. 32 rows: 154.7 vs Triton 135.1.
-  * nf4_wide_l2_prefetch_h200_2026-11-26.json: PF > 0 (`prefetch.global.L2` of the weights
-    8-32 blocks ahead of the ring) gains nothing: PF = 0 is the best or within 2% per shape.
+  * nf4_wide_l2_prefetch_h200_2026-11-26.json (this script at e26ab13, whose template had a
+    fifth parameter PF): `prefetch.global.L2` of the weights 8-32 blocks ahead of the ring
+    gains nothing, PF = 0 is the best or within 2% per shape; removed again.
     Nsight Compute on gate_up at 1 row (package instance): DRAM 40% of peak (1.9 TB/s), 16
     warps per SM, 0.52 eligible per scheduler, half the stalls on L1TEX (global) scoreboards.
 At 32 rows x is the limit: each warp reloads 32 rows x 64 k of x (4 KB, from L1) for every
@@ -34,12 +35,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (NT, NG, D, WARPS, PF): PF > 0 prefetches the weights PF blocks ahead into L2
+# (NT, NG, D, WARPS)
 VARIANTS = [
-    (1, 2, 4, 16, 0), (1, 2, 4, 16, 8), (1, 2, 4, 16, 16), (1, 2, 4, 16, 32), (1, 1, 4, 16, 16), (1, 2, 2, 16, 16),
-    (1, 1, 4, 32, 16),
-    (2, 1, 4, 16, 0), (2, 1, 4, 16, 16),
-    (4, 1, 4, 16, 0), (4, 2, 4, 8, 16),
+    (1, 1, 4, 16), (1, 2, 4, 16), (1, 2, 2, 16), (1, 2, 6, 16), (1, 4, 2, 8), (1, 1, 4, 32), (1, 2, 4, 8),
+    (2, 1, 4, 16), (2, 2, 4, 8),
+    (4, 1, 4, 16), (4, 2, 4, 8), (4, 2, 2, 8),
 ]
 
 
@@ -73,7 +73,7 @@ class Wide:
         return count.value
 
     def matmul(self, x, w, split_k, v, out=None):
-        nt, ng, d, warps, _ = v
+        nt, ng, d, warps = v
         m, k = x.shape
         n = w.packed.shape[0]
         assert m <= 8 * nt

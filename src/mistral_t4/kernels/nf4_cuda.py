@@ -25,7 +25,7 @@ the result is already a tensor-core register:
     blocks of 128-bit weight loads that skip L1, refilled as each block is used;
   * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
     partials in a fixed order and resets its counter (one launch, CUDA-graph safe).
-`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, L2 prefetch);
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps);
 bench/experiments/nf4_wide.py instantiates others from this source to tune it.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
@@ -113,7 +113,7 @@ extern "C" __global__ void smem_base(u32* out) {
 // out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, WARPS NG), split_k), 32 WARPS threads:
 // warp w of block x owns the NG row groups from (WARPS x + w) NG; block y a K range. Dynamic shared
 // memory: table_shared_bytes. counters: >= gridDim.x ints, zero on entry and on exit.
-template <int NT, int NG, int D, int WARPS, int PF>
+template <int NT, int NG, int D, int WARPS>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -171,14 +171,6 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
         }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
-            if (PF > 0) {  // the weights of blocks b0 + PF .. + D - 1 into L2: more bytes in flight than the ring
-                #pragma unroll
-                for (int i = lane; i < NG * D * 4; i += 32) {  // 128-byte lines, 4 per group and block
-                    const int q = i / (D * 4), line = i % (D * 4);
-                    if (b0 + PF + (line >> 2) < kb1)
-                        asm volatile("prefetch.global.L2 [%0];" :: "l"(wp[q] + (size_t)(b0 + PF) * 32 + line * 8));
-                }
-            }
             #pragma unroll
             for (int d = 0; d < D; d++) {
                 const int b = b0 + d;
@@ -272,12 +264,12 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (tid == 0) counters[blockIdx.x] = 0;
 }
 
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS, PF) \
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k) { \
-    nf4_matmul_body<NT, NG, D, WARPS, PF>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
-NF4_MATMUL(nf4_matmul, 1, 2, 4, 16, 0)
+    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
+NF4_MATMUL(nf4_matmul, 1, 2, 4, 16)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
