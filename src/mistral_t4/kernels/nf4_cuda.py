@@ -269,7 +269,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, c
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k) { \
     nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
-NF4_MATMUL(nf4_matmul, 1, 2, 4, 16)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -309,6 +308,10 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 
 # ---------------------------------------------------------------- layout (any device, plain PyTorch)
+
+
+# the package's instance: one column tile, GROUPS_PER_WARP row groups per warp, a ring of 4 blocks, WARPS warps
+SOURCE += f"NF4_MATMUL(nf4_matmul, 1, {GROUPS_PER_WARP}, 4, {WARPS})\n"
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -476,7 +479,10 @@ def table_shared_bytes(module: _Module) -> int:
 
 
 def module(device: torch.device) -> _Module:
-    """The compiled kernels for `device` (compiled on first use, a few seconds; then cached)."""
+    """The compiled kernels for `device` (compiled on first use, a few seconds; then cached).
+
+    The first call also launches a probe and waits for it (`table_shared_bytes`): make it
+    outside a CUDA-graph capture (`available` does, at load)."""
     with _LOCK:
         return _module_cached(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -502,14 +508,16 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
     assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
     assert tile_counters.numel() >= -(-n // TILE_ROWS), f"one counter per tile of {TILE_ROWS} rows"
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
+    if m == 0:  # the kernel reads row M - 1 for its padding rows
+        return out
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows must allow 16-byte loads
         x = x.contiguous()
     from . import multiprocessor_count
 
     if split_k is None:
         split_k = matmul_split(n, k, multiprocessor_count(x.device))
-    if out is None:
-        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-n // TILE_ROWS), split_k)
     kernels = module(x.device)
