@@ -11,8 +11,8 @@ import re
 import subprocess
 
 import bitsandbytes as bnb
-import numpy as np
 import bitsandbytes.functional as bnb_functional
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -341,6 +341,111 @@ def test_cuda_table_address_is_one_prmt(window_start):
                 assert address == table + 256 * (w >> (8 * j) & 0xFF) + 4 * lane
                 assert window_start <= address < window_start + size and (address // 4) % 32 == lane
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
+
+
+def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, window_start=1024):
+    """nf4_cuda's nf4_matmul (the package instance: 1 column tile, GROUPS_PER_WARP groups per warp,
+    WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
+    shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
+    fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
+    column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the stores and the
+    split-K sum in split order. Products and sums in fp64 (the tensor core's order differs)."""
+    from mistral_t4.kernels import nf4_cuda
+
+    warps, groups_per_warp = nf4_cuda.WARPS, nf4_cuda.GROUPS_PER_WARP
+    m, k = x.shape
+    n = fragments.shape[0]
+    nb, n_groups = k // 64, n // 16
+    words = fragments.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(n_groups, nb, 32, 4)
+    pairs = scales.contiguous().numpy().reshape(n_groups, nb, 8, 2)
+    xh = x.numpy().astype(np.float64)
+    code_bits = code_fp16.view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    table = (window_start + 0xFFFF) & ~0xFFFF
+    shared = np.zeros(table - window_start + 65536, dtype=np.uint8)  # the window, from window_start
+    for i in range(2048):  # the kernel's fill loop
+        b = i >> 3
+        v = int(code_bits[b & 15]) | int(code_bits[b >> 4]) << 16
+        at = table + b * 256 + (i & 7) * 16 - window_start
+        shared[at:at + 16] = np.frombuffer(np.array([v] * 4, dtype=np.uint32).tobytes(), dtype=np.uint8)
+    lane = np.arange(32)
+    g, c = lane >> 2, lane & 3
+    lane_base = table | (lane << 2)
+    # the byte permutes of A registers a0..a3, as the kernel's source has them
+    selectors = dict(re.findall(r"const u32 a(\d) = lds\(prmt\(w, lane_base, (0x[0-9a-fA-F]+)\)\);", nf4_cuda.SOURCE))
+    selectors = [int(selectors[str(j)], 16) for j in range(4)]
+
+    def lds(addresses):  # 32 lanes' 4-byte loads -> fp16 pairs (low half = k, high half = k + 1)
+        offsets = addresses - window_start
+        assert np.all((offsets >= 0) & (offsets + 4 <= shared.size)), "outside the window"
+        raw = np.stack([shared[o:o + 4] for o in offsets]).copy().view(np.uint32)[:, 0]
+        return np.stack([raw & 0xFFFF, raw >> 16], axis=1).astype(np.uint16).view(np.float16).astype(np.float64)
+
+    def prmt_lanes(word, selector):
+        return np.array([prmt(int(w), int(lb), selector) for w, lb in zip(word, lane_base)], dtype=np.int64)
+
+    tile_rows = warps * groups_per_warp * 16
+    out = np.full((m, n), np.nan)
+    partial = np.zeros((split_k, m, n))
+    per = -(-nb // split_k)
+    for bx in range(-(-n // tile_rows)):
+        for by in range(split_k):
+            kb0, kb1 = by * per, min(by * per + per, nb)
+            for warp in range(warps):
+                g0 = (bx * warps + warp) * groups_per_warp
+                acc = np.zeros((groups_per_warp, 32, 4))
+                if g0 < n_groups:
+                    rows = np.minimum(g, m - 1)  # lane row g of the B tile, clamped to M - 1
+                    for b in range(kb0, kb1):
+                        xv = np.stack([xh[rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)])
+                        for q in range(groups_per_warp):
+                            gq = min(g0 + q, n_groups - 1)
+                            block = np.zeros((32, 4))
+                            for t in range(4):
+                                a = [lds(prmt_lanes(words[gq, b, :, t], selectors[j])) for j in range(4)]
+                                A = np.zeros((16, 16))
+                                B = np.zeros((16, 8))
+                                for l in range(32):
+                                    A[g[l], 2 * c[l]:2 * c[l] + 2] = a[0][l]
+                                    A[g[l] + 8, 2 * c[l]:2 * c[l] + 2] = a[1][l]
+                                    A[g[l], 2 * c[l] + 8:2 * c[l] + 10] = a[2][l]
+                                    A[g[l] + 8, 2 * c[l] + 8:2 * c[l] + 10] = a[3][l]
+                                    # b0 = word (2t) & 3 of x's 16-byte load t >> 1, b1 = the next word
+                                    B[2 * c[l]:2 * c[l] + 2, g[l]] = xv[l, 8 * (t >> 1) + 2 * ((2 * t) & 3):][:2]
+                                    B[2 * c[l] + 8:2 * c[l] + 10, g[l]] = xv[l, 8 * (t >> 1) + 2 * ((2 * t + 1) & 3):][:2]
+                                D = A @ B
+                                for l in range(32):
+                                    block[l] += [D[g[l], 2 * c[l]], D[g[l], 2 * c[l] + 1],
+                                                 D[g[l] + 8, 2 * c[l]], D[g[l] + 8, 2 * c[l] + 1]]
+                            s = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
+                            acc[q] += block * np.repeat(s, 2, axis=1)
+                for q in range(groups_per_warp):
+                    if g0 + q >= n_groups:
+                        break
+                    for i in range(4):
+                        mm, nn = 2 * c + (i & 1), (g0 + q) * 16 + g + 8 * (i >> 1)
+                        keep = mm < m
+                        target = out if split_k == 1 else partial[by]
+                        target[mm[keep], nn[keep]] = acc[q][keep, i]
+    if split_k > 1:
+        out = np.zeros((m, n))
+        for by in range(split_k):  # the last CTA's sum, in split order
+            out = out + partial[by]
+    return out
+
+
+@pytest.mark.parametrize("n, k, m, split_k", [(48, 192, 1, 1), (48, 576, 3, 2), (1040, 192, 8, 3), (560, 320, 5, 4)])
+def test_cuda_kernel_emulated(n, k, m, split_k):
+    """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
+    (groups past a tile's end, uneven and empty splits, M < 8), equals the reference, and every
+    output (poisoned with NaN first) is written. The emulator takes the byte-permute selectors
+    from the kernel's source: swapping two of them there fails this test."""
+    w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
+    assert w.backend == "cuda"
+    x = torch.randn(m, k, dtype=torch.float16)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k)
+    ref = nf4_linear_reference(x.double(), w).numpy()
+    assert not np.isnan(got).any(), "an output the kernel never writes"
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
