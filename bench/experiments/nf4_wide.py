@@ -35,12 +35,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (NT, NG, D, WARPS)
-VARIANTS = [
-    (1, 1, 4, 16), (1, 2, 4, 16), (1, 2, 2, 16), (1, 2, 6, 16), (1, 4, 2, 8), (1, 1, 4, 32), (1, 2, 4, 8),
-    (2, 1, 4, 16), (2, 2, 4, 8),
-    (4, 1, 4, 16), (4, 2, 4, 8), (4, 2, 2, 8),
-]
+# (NT, NG, D, WARPS[, LD]): LD the weight loads' cache policy (see ld_weights in the package's source)
+PACKAGE = (1, 2, 4, 16)
+VARIANTS = [PACKAGE, (1, 1, 4, 16), (1, 1, 4, 32), (2, 1, 4, 16), (4, 1, 4, 16)]
 
 
 def source(variants=VARIANTS):
@@ -73,7 +70,7 @@ class Wide:
         return count.value
 
     def matmul(self, x, w, split_k, v, out=None):
-        nt, ng, d, warps = v
+        nt, ng, d, warps = v[:4]
         m, k = x.shape
         n = w.packed.shape[0]
         assert m <= 8 * nt
@@ -131,10 +128,10 @@ def main():
             if m <= 8:  # the package's instance and split rule
                 row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, wc.packed, wc.absmax, wc.code_fp16, wc.tile_counters))
             rows = []
-            for split_k in (1, 2, 4, 8, 16):
+            for split_k in range(1, 17):
                 for v in VARIANTS:
-                    if v[0] != column_tiles(m):
-                        continue
+                    if v[0] != column_tiles(m) or (split_k & (split_k - 1) and v != PACKAGE):
+                        continue  # splits that are not powers of two: the package's variant only
                     rows.append(dict(ms=time_ms(lambda: wide.matmul(x, wc, split_k, v)), split_k=split_k, variant=v))
             rows.sort(key=lambda r: r["ms"])
             row["wide"] = rows

@@ -113,7 +113,20 @@ extern "C" __global__ void smem_base(u32* out) {
 // out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, WARPS NG), split_k), 32 WARPS threads:
 // warp w of block x owns the NG row groups from (WARPS x + w) NG; block y a K range. Dynamic shared
 // memory: table_shared_bytes. counters: >= gridDim.x ints, zero on entry and on exit.
-template <int NT, int NG, int D, int WARPS>
+// weight loads, by cache policy (LD): 0 read-only path skipping L1 (the package's), 1 L2 only (.cg),
+// 2 read-only path, 3 skipping L1 without .nc, 4 as 0 with a 256-byte L2 fetch, 5 streaming (.cs)
+template <int LD> __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
+    uint4 r;
+    if (LD == 0) asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    if (LD == 1) asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    if (LD == 2) asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    if (LD == 3) asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    if (LD == 4) asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    if (LD == 5) asm volatile("ld.global.cs.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+template <int NT, int NG, int D, int WARPS, int LD = 0>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -167,7 +180,7 @@ __device__ __forceinline__ void nf4_matmul_body(
             const int b = kb0 + d;
             if (b < kb1) {
                 #pragma unroll
-                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_weights<LD>(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
             }
         }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
@@ -207,7 +220,7 @@ __device__ __forceinline__ void nf4_matmul_body(
                     }
                     if (b + D < kb1) {  // refill the slot just used: no register copies
                         #pragma unroll
-                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
+                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_weights<LD>(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
                     }
                 }
             }
@@ -264,11 +277,11 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (tid == 0) counters[blockIdx.x] = 0;
 }
 
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS, ...) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k) { \
-    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
+    nf4_matmul_body<NT, NG, D, WARPS, ##__VA_ARGS__>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
