@@ -269,16 +269,19 @@ def test_fused_kernel_compiles_for_gpus(capability, mma, tmp_path):
         assert re.search(r"LOCAL:0\b", usage) and re.search(r"STACK:0\b", usage), f"registers spilled: {usage}"
 
 
-def test_cuda_split_rule():
-    """Splits of the Mistral-7B decode shapes on a 132-SM card (the sweep's best, H200), and the
-    rule's bounds: a power of two up to 16, at least 4 K blocks per split."""
-    from mistral_t4.kernels.nf4_cuda import matmul_split
+def test_cuda_geometry_rule():
+    """Row groups per CTA and split-K of the Mistral-7B decode shapes on a 132-SM card (the H200,
+    whose sweep fitted the rule), and the rule's bounds: an even group count the warps can hold,
+    a power-of-two split up to 16 with at least 4 K blocks each, never more than one wave
+    where one wave of the whole tile fits."""
+    from mistral_t4.kernels.nf4_cuda import GROUPS_PER_WARP, WARPS, matmul_geometry
 
-    chosen = {name: matmul_split(n, k, 132) for name, k, n in [
+    chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
-    assert chosen == {"qkv": 8, "o": 16, "gate_up": 2, "down": 16}
-    for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1)]:
-        split = matmul_split(n, k, sms)
+    assert chosen == {"qkv": (24, 8), "o": (32, 16), "gate_up": (28, 2), "down": (32, 16)}
+    for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58)]:
+        tile, split = matmul_geometry(n, k, sms)
+        assert WARPS <= tile <= WARPS * GROUPS_PER_WARP and tile % 2 == 0
         assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
 
 
@@ -343,7 +346,7 @@ def test_cuda_table_address_is_one_prmt(window_start):
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
-def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, window_start=1024):
+def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, window_start=1024):
     """nf4_cuda's nf4_matmul (the package instance: 1 column tile, GROUPS_PER_WARP groups per warp,
     WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
@@ -383,22 +386,23 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, window_start=
     def prmt_lanes(word, selector):
         return np.array([prmt(int(w), int(lb), selector) for w, lb in zip(word, lane_base)], dtype=np.int64)
 
-    tile_rows = warps * groups_per_warp * 16
     out = np.full((m, n), np.nan)
     partial = np.zeros((split_k, m, n))
     per = -(-nb // split_k)
-    for bx in range(-(-n // tile_rows)):
+    for bx in range(-(-n_groups // tile_groups)):
+        first = bx * tile_groups
+        end = min(n_groups, first + tile_groups)
         for by in range(split_k):
             kb0, kb1 = by * per, min(by * per + per, nb)
             for warp in range(warps):
-                g0 = (bx * warps + warp) * groups_per_warp
+                g0 = first + warp * groups_per_warp
                 acc = np.zeros((groups_per_warp, 32, 4))
-                if g0 < n_groups:
+                if g0 < end:
                     rows = np.minimum(g, m - 1)  # lane row g of the B tile, clamped to M - 1
                     for b in range(kb0, kb1):
                         xv = np.stack([xh[rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)])
                         for q in range(groups_per_warp):
-                            gq = min(g0 + q, n_groups - 1)
+                            gq = min(g0 + q, end - 1)
                             block = np.zeros((32, 4))
                             for t in range(4):
                                 a = [lds(prmt_lanes(words[gq, b, :, t], selectors[j])) for j in range(4)]
@@ -419,7 +423,7 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, window_start=
                             s = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
                             acc[q] += block * np.repeat(s, 2, axis=1)
                 for q in range(groups_per_warp):
-                    if g0 + q >= n_groups:
+                    if g0 + q >= end:
                         break
                     for i in range(4):
                         mm, nn = 2 * c + (i & 1), (g0 + q) * 16 + g + 8 * (i >> 1)
@@ -433,16 +437,18 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, window_start=
     return out
 
 
-@pytest.mark.parametrize("n, k, m, split_k", [(48, 192, 1, 1), (48, 576, 3, 2), (1040, 192, 8, 3), (560, 320, 5, 4)])
-def test_cuda_kernel_emulated(n, k, m, split_k):
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups", [
+    (48, 192, 1, 1, 32), (48, 576, 3, 2, 2), (1040, 192, 8, 3, 32), (560, 320, 5, 4, 17), (1040, 128, 2, 1, 22)])
+def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups):
     """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
-    (groups past a tile's end, uneven and empty splits, M < 8), equals the reference, and every
+    (groups past a tile's end, tiles that leave warps half busy or idle, uneven and empty splits,
+    M < 8), equals the reference, and every
     output (poisoned with NaN first) is written. The emulator takes the byte-permute selectors
     from the kernel's source: swapping two of them there fails this test."""
     w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     assert w.backend == "cuda"
     x = torch.randn(m, k, dtype=torch.float16)
-    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups)
     ref = nf4_linear_reference(x.double(), w).numpy()
     assert not np.isnan(got).any(), "an output the kernel never writes"
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -23,6 +23,18 @@ Results (H200, CUDA-graph replay with L2 flushed):
     gains nothing, PF = 0 is the best or within 2% per shape; removed again.
     Nsight Compute on gate_up at 1 row (package instance): DRAM 40% of peak (1.9 TB/s), 16
     warps per SM, 0.52 eligible per scheduler, half the stalls on L1TEX (global) scoreboards.
+  * nf4_wide_cache_policies_h200_2026-11-26.json (this script at edb10fe, template parameter LD):
+    the weight loads' cache policy (.nc / .cg / .cs / L1::no_allocate / L2::256B) changes
+    nothing (within 2%). Nsight Compute's source view shows why the kernel waits: half of its
+    stall samples sit on the first byte permute of each block, waiting for the ring's weight
+    load (long scoreboard); with 64 KB in flight per SM at 1.9 TB/s, a load takes ~4.4 us.
+  * nf4_wide_any_split_h200_2026-11-26.json (edb10fe): splits 1..16 for the package's variant;
+    a grid short of one wave (qkv: 96 CTAs on 132 SMs) loses, a second wave loses more.
+  * nf4_wide_geometry_h200_2026-11-26.json (this script): 16-32 row groups per CTA (runtime
+    `tile_groups`) x power-of-two splits; the package's rule (`matmul_geometry`) picks the best
+    or within 1% per shape: per layer 66.6 us at 1 row, 86.2 at 8 (32 groups per CTA: 67.0 /
+    89.6 in the cache-policy run); batch-1 decode 2.70 -> 2.68 ms/token
+    (bench/results/h200_2026-11-26_s5_geometry/).
 At 32 rows x is the limit: each warp reloads 32 rows x 64 k of x (4 KB, from L1) for every
 1-2 groups of weights (1-2 KB); more groups per warp run out of registers (NT=4, NG=4: 249).
 """
@@ -35,7 +47,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (NT, NG, D, WARPS[, LD]): LD the weight loads' cache policy (see ld_weights in the package's source)
+# (NT, NG, D, WARPS); the package's variant is also timed at 16-32 row groups per CTA
 PACKAGE = (1, 2, 4, 16)
 VARIANTS = [PACKAGE, (1, 1, 4, 16), (1, 1, 4, 32), (2, 1, 4, 16), (4, 1, 4, 16)]
 
@@ -69,18 +81,20 @@ class Wide:
         self.mod.cuda.cuFuncGetAttribute(ctypes.byref(count), 4, self.mod.function(name(v)))
         return count.value
 
-    def matmul(self, x, w, split_k, v, out=None):
-        nt, ng, d, warps = v[:4]
+    def matmul(self, x, w, split_k, v, out=None, tile_groups=None):
+        """tile_groups: row groups per CTA (default: all its warps' groups, WARPS x NG)."""
+        nt, ng, d, warps = v
         m, k = x.shape
         n = w.packed.shape[0]
         assert m <= 8 * nt
+        tile_groups = tile_groups or warps * ng
         if out is None:
             out = torch.empty((m, n), dtype=torch.float16, device=x.device)
         partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-        tiles = -(-(n // 16) // (warps * ng))
+        tiles = -(-(n // 16) // tile_groups)
         self.mod.launch(name(v), (tiles, split_k), warps * 32,
                         [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
-                         out.stride(0), split_k], shared=self.shared)
+                         out.stride(0), split_k, tile_groups], shared=self.shared)
         return out
 
 
@@ -109,13 +123,14 @@ def main():
                 for v in VARIANTS:
                     if m > 8 * v[0]:
                         continue
-                    out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                    wide.matmul(x, w, split_k, v, out=out)
-                    torch.cuda.synchronize()
-                    err, counters = rel_error(out, ref), int(w.tile_counters.abs().sum())
-                    if not (err < 1e-3 and counters == 0):
-                        failures += 1
-                        print(f"WRONG n={n} k={k} m={m} split={split_k} {v}: {err} {counters}", flush=True)
+                    for tile in (None, 17, 22) if v == PACKAGE else (None,):  # odd tiles: warps half full, idle
+                        out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
+                        wide.matmul(x, w, split_k, v, out=out, tile_groups=tile)
+                        torch.cuda.synchronize()
+                        err, counters = rel_error(out, ref), int(w.tile_counters.abs().sum())
+                        if not (err < 1e-3 and counters == 0):
+                            failures += 1
+                            print(f"WRONG n={n} k={k} m={m} split={split_k} {v} x{tile}: {err} {counters}", flush=True)
         print(f"checked N={n} K={k}", flush=True)
     results, per_layer = [], {}
     for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
@@ -128,11 +143,13 @@ def main():
             if m <= 8:  # the package's instance and split rule
                 row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, wc.packed, wc.absmax, wc.code_fp16, wc.tile_counters))
             rows = []
-            for split_k in range(1, 17):
+            for split_k in (1, 2, 4, 8, 16):
                 for v in VARIANTS:
-                    if v[0] != column_tiles(m) or (split_k & (split_k - 1) and v != PACKAGE):
-                        continue  # splits that are not powers of two: the package's variant only
-                    rows.append(dict(ms=time_ms(lambda: wide.matmul(x, wc, split_k, v)), split_k=split_k, variant=v))
+                    if v[0] != column_tiles(m):
+                        continue
+                    for tile in (16, 20, 24, 28, 32) if v == PACKAGE else (v[1] * v[3],):
+                        rows.append(dict(ms=time_ms(lambda: wide.matmul(x, wc, split_k, v, tile_groups=tile)),
+                                         split_k=split_k, variant=v, tile_groups=tile))
             rows.sort(key=lambda r: r["ms"])
             row["wide"] = rows
             results.append(row)
@@ -142,8 +159,9 @@ def main():
             t["package"] += row.get("package_ms", 0.0)
             t["wide"] += best["ms"]
             print(f"{name} M={m}: triton {row['triton_ms'] * 1e3:.1f} us, package {row.get('package_ms', 0) * 1e3:.1f}, "
-                  f"wide {best['ms'] * 1e3:.1f} (split {best['split_k']} {best['variant']}); next "
-                  + ", ".join(f"{r['ms'] * 1e3:.1f} {r['split_k']} {r['variant']}" for r in rows[1:4]), flush=True)
+                  f"wide {best['ms'] * 1e3:.1f} (split {best['split_k']} {best['variant']} x{best['tile_groups']}); next "
+                  + ", ".join(f"{r['ms'] * 1e3:.1f} {r['split_k']} {r['variant']} x{r['tile_groups']}" for r in rows[1:4]),
+                  flush=True)
     for m, t in per_layer.items():
         print(f"per layer M={m}: triton {t['triton'] * 1e3:.1f} us, package {t['package'] * 1e3:.1f}, "
               f"best variant per shape {t['wide'] * 1e3:.1f}",

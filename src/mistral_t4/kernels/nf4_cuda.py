@@ -24,7 +24,10 @@ the result is already a tensor-core register:
   * each warp owns 2 groups of 16 weight rows (sharing x's fragments), with a ring of 4
     blocks of 128-bit weight loads that skip L1, refilled as each block is used;
   * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
-    partials in a fixed order and resets its counter (one launch, CUDA-graph safe).
+    partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
+  * one CTA per SM, so the grid is sized in waves: `matmul_geometry` picks the row groups per
+    CTA (16-32, a runtime argument; warps past the tile's end idle) and the split so that one
+    wave fills the SMs (qkv: 24 groups x 8 splits = 128 CTAs on 132 SMs instead of 96).
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps);
 bench/experiments/nf4_wide.py instantiates others from this source to tune it.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
@@ -61,8 +64,7 @@ import torch
 BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
 GROUP = 16  # weight rows per MMA tile
 MAX_ROWS = 8  # rows of x per call (one 8-wide MMA column tile)
-WARPS, GROUPS_PER_WARP = 16, 2  # nf4_matmul's CTA: 16 warps x 2 row groups = 512 weight rows
-TILE_ROWS = WARPS * GROUPS_PER_WARP * GROUP
+WARPS, GROUPS_PER_WARP = 16, 2  # nf4_matmul's CTA: 16 warps x 2 row groups, at most 512 weight rows
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -110,27 +112,15 @@ extern "C" __global__ void smem_base(u32* out) {
     out[0] = (u32)__cvta_generic_to_shared(window);
 }
 
-// out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, WARPS NG), split_k), 32 WARPS threads:
-// warp w of block x owns the NG row groups from (WARPS x + w) NG; block y a K range. Dynamic shared
-// memory: table_shared_bytes. counters: >= gridDim.x ints, zero on entry and on exit.
-// weight loads, by cache policy (LD): 0 read-only path skipping L1 (the package's), 1 L2 only (.cg),
-// 2 read-only path, 3 skipping L1 without .nc, 4 as 0 with a 256-byte L2 fetch, 5 streaming (.cs)
-template <int LD> __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
-    uint4 r;
-    if (LD == 0) asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    if (LD == 1) asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    if (LD == 2) asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    if (LD == 3) asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    if (LD == 4) asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    if (LD == 5) asm volatile("ld.global.cs.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-template <int NT, int NG, int D, int WARPS, int LD = 0>
+// out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, tile_groups), split_k), 32 WARPS threads:
+// block x owns the tile_groups (<= WARPS NG) row groups from tile_groups x, its warp w the NG of them from
+// w NG on (warps past the tile's end idle); block y a K range. Dynamic shared memory: table_shared_bytes.
+// counters: >= gridDim.x ints, zero on entry and on exit.
+template <int NT, int NG, int D, int WARPS>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k) {
+        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups) {
     extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 base = (u32)__cvta_generic_to_shared(window);
@@ -149,8 +139,9 @@ __device__ __forceinline__ void nf4_matmul_body(
     __syncthreads();
     // prmt(word, lane_base, 0x76j4) = table + 256 * (byte j of word) + 4 * lane: one instruction
     const u32 lane_base = table | (lane << 2);
-    const int n_groups = N >> 4;
-    const int G0 = (blockIdx.x * WARPS + warp) * NG;
+    const int first = blockIdx.x * tile_groups;  // this block's row groups: first .. end - 1
+    const int end = min(N >> 4, first + tile_groups);
+    const int G0 = first + warp * NG;
     const int nb = K >> 6;
     const int per = (nb + split_k - 1) / split_k;
     const int kb0 = blockIdx.y * per;
@@ -161,12 +152,12 @@ __device__ __forceinline__ void nf4_matmul_body(
     for (int q = 0; q < NG; q++)
         #pragma unroll
         for (int nt = 0; nt < NT; nt++) acc[q][nt][0] = acc[q][nt][1] = acc[q][nt][2] = acc[q][nt][3] = 0.f;
-    if (G0 < n_groups) {
+    if (G0 < end) {
         const uint4* wp[NG];
         const uint2* sp[NG];
         #pragma unroll
         for (int q = 0; q < NG; q++) {
-            const int G = min(G0 + q, n_groups - 1);  // past the end: recompute the last group, never stored
+            const int G = min(G0 + q, end - 1);  // past the tile's end: recompute its last group, never stored
             wp[q] = wq + (size_t)G * nb * 32 + lane;
             sp[q] = scales + (size_t)G * nb * 8 + g;
         }
@@ -180,7 +171,7 @@ __device__ __forceinline__ void nf4_matmul_body(
             const int b = kb0 + d;
             if (b < kb1) {
                 #pragma unroll
-                for (int q = 0; q < NG; q++) { wr[d][q] = ld_weights<LD>(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
             }
         }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
@@ -220,7 +211,7 @@ __device__ __forceinline__ void nf4_matmul_body(
                     }
                     if (b + D < kb1) {  // refill the slot just used: no register copies
                         #pragma unroll
-                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_weights<LD>(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
+                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
                     }
                 }
             }
@@ -230,7 +221,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (split_k == 1) {
         #pragma unroll
         for (int q = 0; q < NG; q++) {
-            if (G0 + q >= n_groups) break;
+            if (G0 + q >= end) break;
             #pragma unroll
             for (int nt = 0; nt < NT; nt++)
                 #pragma unroll
@@ -243,7 +234,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     }
     #pragma unroll
     for (int q = 0; q < NG; q++) {
-        if (G0 + q >= n_groups) break;
+        if (G0 + q >= end) break;
         #pragma unroll
         for (int nt = 0; nt < NT; nt++)
             #pragma unroll
@@ -263,9 +254,9 @@ __device__ __forceinline__ void nf4_matmul_body(
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(last) : "r"(flag));
     if (!last) return;
     __threadfence();
-    const int rows = min(WARPS * NG * 16, N - blockIdx.x * WARPS * NG * 16);  // the block's tile, element by element
+    const int rows = (end - first) * 16;  // the block's tile, element by element
     for (int e = tid; e < rows * M; e += WARPS * 32) {
-        const int m = e / rows, n = blockIdx.x * WARPS * NG * 16 + e % rows;
+        const int m = e / rows, n = first * 16 + e % rows;
         float total = 0.f;
         for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
             float v;
@@ -277,11 +268,12 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (tid == 0) counters[blockIdx.x] = 0;
 }
 
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS, ...) \
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
-        int split_k) { \
-    nf4_matmul_body<NT, NG, D, WARPS, ##__VA_ARGS__>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k); }
+        int split_k, int tile_groups) { \
+    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, \
+                                      tile_groups); }
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -357,18 +349,35 @@ def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch
     return packed, absmax
 
 
-def matmul_split(n: int, k: int, sm_count: int) -> int:
-    """Split-K: the smallest power of two giving ~0.7+ CTAs per SM (one fits), 4+ K blocks each.
+CTA_COST = 96  # a CTA's fixed cost (start, table, first loads, partial sums) in row-group blocks
 
-    From the H200 sweep of bench/experiments/nf4_wide.py (decode shapes, 1 row): the best
-    split per shape (qkv 8, o 16, gate_up 2, down 16 on 132 SMs); a second wave costs more
-    than the few idle SMs below one (qkv: 96 CTAs beat 192)."""
-    tiles = -(-n // TILE_ROWS)
-    blocks = k // BLOCKSIZE
-    split = 1
-    while 10 * tiles * split < 7 * sm_count and blocks >= 8 * split and split < 16:
-        split *= 2
-    return split
+
+def matmul_geometry(n: int, k: int, sm_count: int) -> tuple[int, int]:
+    """(row groups per CTA, split-K) for nf4_matmul. One CTA fills an SM (127 KB of shared
+    memory), so a grid is ceil(CTAs / SMs) waves, and a wave lasts as long as its CTAs' work:
+    groups per CTA x K blocks per split + CTA_COST. Fitted on the H200's gate_up at 1 row
+    (bench/experiments/nf4_wide.py; 32 groups per CTA, split 2 / 4 / 8 = 1 / 2 / 4 waves:
+    29.6 / 32.1 / 36.8 us, i.e. 0.0265 us per group-block and ~2.5 us per CTA).
+
+    Over even group counts from half the warps busy to all of them (WARPS .. WARPS *
+    GROUPS_PER_WARP) and power-of-two splits of >= 4 K blocks each, the least waves x (work +
+    CTA_COST); ties go to more groups per CTA, then the smaller split. On 132 SMs: qkv (24, 8),
+    o (32, 16), gate_up (28, 2), down (32, 16); 32 groups per CTA left 36 SMs idle on qkv and
+    20 on gate_up."""
+    groups, blocks = n // GROUP, k // BLOCKSIZE
+    best = None
+    for tile in range(WARPS, WARPS * GROUPS_PER_WARP + 1, 2):
+        split = 1
+        while True:
+            waves = -(-(-(-groups // tile) * split) // sm_count)
+            cost = waves * (min(tile, groups) * -(-blocks // split) + CTA_COST)
+            key = (cost, -tile, split)
+            if best is None or key < best[0]:
+                best = (key, tile, split)
+            if split >= 16 or blocks < 8 * split:
+                break
+            split *= 2
+    return best[1], best[2]
 
 
 # ---------------------------------------------------------------- NVRTC + driver API (GPU only)
@@ -520,7 +529,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
     assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
-    assert tile_counters.numel() >= -(-n // TILE_ROWS), f"one counter per tile of {TILE_ROWS} rows"
+    assert tile_counters.numel() >= n // GROUP, "one counter per tile: at most one per row group"
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     if m == 0:  # the kernel reads row M - 1 for its padding rows
@@ -529,13 +538,13 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    if split_k is None:
-        split_k = matmul_split(n, k, multiprocessor_count(x.device))
+    tile_groups, split = matmul_geometry(n, k, multiprocessor_count(x.device))
+    split_k = split if split_k is None else split_k
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = (-(-n // TILE_ROWS), split_k)
+    grid = (-(-(n // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
     kernels.launch("nf4_matmul", grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                    m, n, k, x.stride(0), out.stride(0), split_k],
+                                                    m, n, k, x.stride(0), out.stride(0), split_k, tile_groups],
                    shared=kernels.table_shared)
     return out
 
