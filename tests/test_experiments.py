@@ -105,3 +105,24 @@ def test_wide_experiment_compiles(tmp_path):
     names = [wide.name(v) for v in wide.VARIANTS]
     assert all(name in usage for name in names) and usage.count("LOCAL:0") == len(names) + 3, usage
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
+
+
+def test_bulk_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_bulk.py (the package kernel with a TMA-filled weight ring) compiles for
+    sm_90a with no local memory, issues bulk copies (UBLKCP) and waits on mbarriers, and its shared
+    memory fits the 227 KB a block may have where the window starts at 1 KB."""
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    triton = pytest.importorskip("triton")
+    bulk = load("nf4_bulk")
+    cubin = tmp_path / "bulk.cubin"
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(bulk.source(), "sm_90a")[0])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    assert usage.count("LOCAL:0") == len(bulk.VARIANTS) + 3, usage
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    assert "UBLKCP" in sass and "SYNCS.PHASECHK" in sass
+    assert all(bulk.shared_bytes(v, 1024) <= 227 * 1024 for v in bulk.VARIANTS)

@@ -108,8 +108,8 @@ __device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u
 // Where the CTA's shared window starts (0, or the 1 KB the driver reserves on sm90): the host
 // sizes the dynamic shared memory so that a 64 KB-aligned table fits (`table_shared_bytes`).
 extern "C" __global__ void smem_base(u32* out) {
-    extern __shared__ __align__(16) unsigned char window[];
-    out[0] = (u32)__cvta_generic_to_shared(window);
+    extern __shared__ __align__(16) unsigned char probe[];
+    out[0] = (u32)__cvta_generic_to_shared(probe);
 }
 
 // out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, tile_groups), split_k), 32 WARPS threads:
