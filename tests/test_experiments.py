@@ -126,3 +126,20 @@ def test_bulk_experiment_compiles(tmp_path):
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     assert "UBLKCP" in sass and "SYNCS.PHASECHK" in sass
     assert all(bulk.shared_bytes(v, 1024) <= 227 * 1024 for v in bulk.VARIANTS)
+
+
+def test_interleave_experiment_addresses():
+    """bench/experiments/nf4_interleave.py: its (G / 2, b, G % 2) copy of the fragment layout puts group G's
+    block b where its kernel reads it ((G / 2) * nb * 2 + b * 2 + G % 2, in 512- and 64-byte units), and its
+    source substitutes every weight and scale address of the package's template."""
+    interleave = load("nf4_interleave")
+    groups, nb = 6, 3
+    packed = torch.randint(0, 256, (groups * 16, nb * 32), dtype=torch.uint8)
+    scales = torch.rand(groups * 16, nb)
+    w, s = interleave.interleave(packed, scales, 2)
+    for G in range(groups):
+        for b in range(nb):
+            at = (G // 2) * nb * 2 + b * 2 + G % 2
+            assert torch.equal(w.view(-1, 512)[at], packed.view(-1, 512)[G * nb + b])
+            assert torch.equal(s.view(-1, 16)[at], scales.view(-1, 16)[G * nb + b])
+    assert "nf4_interleaved_body<1," in interleave.source()

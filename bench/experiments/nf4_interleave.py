@@ -1,0 +1,113 @@
+"""Experiment: does a warp reading one longer contiguous stream instead of two help the CUDA NF4 kernel?
+
+    python bench/experiments/nf4_interleave.py     # on an sm80+ GPU; checks, then times; writes $OUT/nf4_interleave.json
+
+In the package's fragment layout (`mistral_t4.kernels.nf4_cuda`) a row group's 64-weight blocks
+are contiguous (512 bytes each), so each warp of the batch-1 kernel streams its 2 groups as 2
+separate 512-byte-per-step streams: ~4,000 concurrent streams per matmul on 132 SMs. Here the
+two groups of a warp are interleaved block by block (G / 2, b, G % 2), so a warp reads 1 KB
+contiguous per step, one stream; the kernel is the package's template with only the weight and
+scale addresses changed (string-substituted below). If DRAM page locality limits the weight
+stream (Nsight Compute: DRAM 40% busy while the warps wait for their loads), this shows it.
+
+Result (H200, nf4_interleave_h200_2026-11-26.json, correct at 1 and 8 rows): per layer at 1 row
+65.7 us (package) vs 64.6 (interleaved), at 8 rows 86.3 vs 86.4. Page locality is not it either.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def source():
+    from mistral_t4.kernels import nf4_cuda
+
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS>"):
+                           nf4_cuda.SOURCE.index("#define NF4_MATMUL")]
+    swaps = [("nf4_matmul_body", "nf4_interleaved_body"),
+             ("wp[q] = wq + (size_t)G * nb * 32 + lane;", "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),
+             ("sp[q] = scales + (size_t)G * nb * 8 + g;", "sp[q] = scales + ((size_t)(G / NG) * nb * NG + G % NG) * 8 + g;"),
+             ("ld_stream(wp[q] + (size_t)b * 32)", "ld_stream(wp[q] + (size_t)b * (NG * 32))"),
+             ("ld_pair(sp[q] + (size_t)b * 8)", "ld_pair(sp[q] + (size_t)b * (NG * 8))"),
+             ("ld_stream(wp[q] + (size_t)(b + D) * 32)", "ld_stream(wp[q] + (size_t)(b + D) * (NG * 32))"),
+             ("ld_pair(sp[q] + (size_t)(b + D) * 8)", "ld_pair(sp[q] + (size_t)(b + D) * (NG * 8))")]
+    for old, new in swaps:
+        assert old in body, old
+        body = body.replace(old, new)
+    return nf4_cuda.SOURCE + body + f"""
+extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_interleaved(const u16* x, const uint4* wq,
+        const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
+        int stride_om, int split_k, int tile_groups) {{
+    nf4_interleaved_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}>(x, wq, scales, code, out, partial, counters,
+        M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
+"""
+
+
+def interleave(packed, scales, ng):
+    """Fragment layout (G, b) -> (G / ng, b, G % ng), for weights (512 bytes per block) and scales (64)."""
+    n, nb = scales.shape
+    w = packed.view(n // 16 // ng, ng, nb, 512).permute(0, 2, 1, 3).contiguous().view_as(packed)
+    s = scales.view(n // 16 // ng, ng, nb, 16).permute(0, 2, 1, 3).contiguous().view_as(scales)
+    return w, s
+
+
+def main():
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer
+
+    from mistral_t4.kernels import NF4Weight, multiprocessor_count, nf4_cuda
+
+    dev = torch.device("cuda")
+    mod = nf4_cuda._Module(dev, source())
+    shared = nf4_cuda.table_shared_bytes(mod)
+    time_ms = timer(dev)
+    sms = multiprocessor_count(dev)
+
+    def run(x, w, packed, scales, tile, split):
+        m, k = x.shape
+        n = packed.shape[0]
+        out = torch.empty((m, n), dtype=torch.float16, device=dev)
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
+        mod.launch("nf4_interleaved", (-(-(n // 16) // tile), split), 32 * nf4_cuda.WARPS,
+                   [x, packed, scales, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0), out.stride(0),
+                    split, tile], shared=shared)
+        return out
+
+    failures, results, totals = 0, [], {}
+    for shape, k, n in [("check 1024->4096", 4096, 1024)] + [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
+        w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
+        packed, scales = interleave(w.packed, w.absmax, nf4_cuda.GROUPS_PER_WARP)
+        tile, split = nf4_cuda.matmul_geometry(n, k, sms)
+        ref_w = w.dequantize(torch.float32)
+        for m in (1, 8):
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            err = rel_error(run(x, w, packed, scales, tile, split), x.float() @ ref_w.T)
+            if not err < 1e-3:
+                failures += 1
+                print(f"WRONG {shape} m={m}: {err}", flush=True)
+            if shape.startswith("check"):
+                continue
+            row = dict(shape=shape, m=m, tile_groups=tile, split_k=split, err=err,
+                       package_ms=time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)),
+                       interleaved_ms=time_ms(lambda: run(x, w, packed, scales, tile, split)))
+            results.append(row)
+            t = totals.setdefault(m, [0.0, 0.0])
+            t[0] += row["package_ms"]
+            t[1] += row["interleaved_ms"]
+            print(f"{shape} M={m}: package {row['package_ms'] * 1e3:.1f} us, interleaved {row['interleaved_ms'] * 1e3:.1f}",
+                  flush=True)
+    for m, (a, b) in totals.items():
+        print(f"per layer M={m}: package {a * 1e3:.1f} us, interleaved {b * 1e3:.1f}", flush=True)
+    if os.environ.get("OUT"):
+        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        with open(os.path.join(os.environ["OUT"], "nf4_interleave.json"), "w") as f:
+            json.dump(dict(system=system, failures=failures, results=results, per_layer=totals), f, indent=1)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
