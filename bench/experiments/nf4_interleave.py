@@ -1,4 +1,7 @@
-"""Experiment: does a warp reading one longer contiguous stream instead of two help the CUDA NF4 kernel?
+"""Experiment: do the CUDA NF4 kernel's memory access patterns limit it? Interleaved groups, rotated blocks.
+
+    python bench/experiments/nf4_interleave.py     # on an sm80+ GPU; checks, then times; writes $OUT/nf4_interleave.json
+
 
     python bench/experiments/nf4_interleave.py     # on an sm80+ GPU; checks, then times; writes $OUT/nf4_interleave.json
 
@@ -9,9 +12,15 @@ two groups of a warp are interleaved block by block (G / 2, b, G % 2), so a warp
 contiguous per step, one stream; the kernel is the package's template with only the weight and
 scale addresses changed (string-substituted below). If DRAM page locality limits the weight
 stream (Nsight Compute: DRAM 40% busy while the warps wait for their loads), this shows it.
+Second kernel ("rotated"): the package's layout, but each warp walks its K blocks starting at
+a different block (a hash of its first group), so that the warps' concurrent addresses are no
+longer 32 KB apart (a power-of-two stride that could camp on a few memory partitions).
 
-Result (H200, nf4_interleave_h200_2026-11-26.json, correct at 1 and 8 rows): per layer at 1 row
-65.7 us (package) vs 64.6 (interleaved), at 8 rows 86.3 vs 86.4. Page locality is not it either.
+Results (H200, correct at 1 and 8 rows): first run (interleaved only) per layer at 1 row 65.7 us
+(package) vs 64.6 (interleaved), at 8 rows 86.3 vs 86.4; second run (nf4_interleave_h200_2026-11-26.json)
+66.4 / 64.3 / 69.7 (package / interleaved / rotated) at 1 row, 86.5 / 85.6 / 88.9 at 8. Interleaving
+gains 2-3% at 1 row, rotating loses 5%: neither page locality nor partition camping is what holds
+the weight stream back.
 """
 import json
 import os
@@ -21,6 +30,35 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rotated_source():
+    """The package's template with logical block b read at kb0 + (b - kb0 + rot) % blocks."""
+    from mistral_t4.kernels import nf4_cuda
+
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS>"):
+                           nf4_cuda.SOURCE.index("#define NF4_MATMUL")]
+    swaps = [("nf4_matmul_body", "nf4_rotated_body"),
+             ("    const int g = lane >> 2, c = lane & 3;\n",
+              "    const int g = lane >> 2, c = lane & 3;\n"
+              "    const int nblk = max(kb1 - kb0, 1), rot = (int)(((u32)G0 * 2654435761u >> 7) % (u32)nblk);\n"
+              "    auto P = [&](int b) { int j = b - kb0 + rot; return kb0 + (j >= nblk ? j - nblk : j); };\n"),
+             ("ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8)",
+              "ld_stream(wp[q] + (size_t)P(b) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b) * 8)"),
+             ("ld_x(xp[nt] + b * 8); xv[nt][1] = ld_x(xp[nt] + b * 8 + 1)",
+              "ld_x(xp[nt] + P(b) * 8); xv[nt][1] = ld_x(xp[nt] + P(b) * 8 + 1)"),
+             ("ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8)",
+              "ld_stream(wp[q] + (size_t)P(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b + D) * 8)")]
+    for old, new in swaps:
+        assert old in body, old
+        body = body.replace(old, new)
+    return body + f"""
+extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_rotated(const u16* x, const uint4* wq,
+        const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
+        int stride_om, int split_k, int tile_groups) {{
+    nf4_rotated_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}>(x, wq, scales, code, out, partial, counters,
+        M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
+"""
 
 
 def source():
@@ -38,7 +76,7 @@ def source():
     for old, new in swaps:
         assert old in body, old
         body = body.replace(old, new)
-    return nf4_cuda.SOURCE + body + f"""
+    return nf4_cuda.SOURCE + rotated_source() + body + f"""
 extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_interleaved(const u16* x, const uint4* wq,
         const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
         int stride_om, int split_k, int tile_groups) {{
@@ -67,12 +105,12 @@ def main():
     time_ms = timer(dev)
     sms = multiprocessor_count(dev)
 
-    def run(x, w, packed, scales, tile, split):
+    def run(x, w, packed, scales, tile, split, kernel="nf4_interleaved"):
         m, k = x.shape
         n = packed.shape[0]
         out = torch.empty((m, n), dtype=torch.float16, device=dev)
         partial = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
-        mod.launch("nf4_interleaved", (-(-(n // 16) // tile), split), 32 * nf4_cuda.WARPS,
+        mod.launch(kernel, (-(-(n // 16) // tile), split), 32 * nf4_cuda.WARPS,
                    [x, packed, scales, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0), out.stride(0),
                     split, tile], shared=shared)
         return out
@@ -86,22 +124,25 @@ def main():
         for m in (1, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             err = rel_error(run(x, w, packed, scales, tile, split), x.float() @ ref_w.T)
-            if not err < 1e-3:
+            err_rotated = rel_error(run(x, w, w.packed, w.absmax, tile, split, "nf4_rotated"), x.float() @ ref_w.T)
+            if not (err < 1e-3 and err_rotated < 1e-3):
                 failures += 1
-                print(f"WRONG {shape} m={m}: {err}", flush=True)
+                print(f"WRONG {shape} m={m}: {err} {err_rotated}", flush=True)
             if shape.startswith("check"):
                 continue
             row = dict(shape=shape, m=m, tile_groups=tile, split_k=split, err=err,
                        package_ms=time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)),
-                       interleaved_ms=time_ms(lambda: run(x, w, packed, scales, tile, split)))
+                       interleaved_ms=time_ms(lambda: run(x, w, packed, scales, tile, split)),
+                       rotated_ms=time_ms(lambda: run(x, w, w.packed, w.absmax, tile, split, "nf4_rotated")))
             results.append(row)
-            t = totals.setdefault(m, [0.0, 0.0])
+            t = totals.setdefault(m, [0.0, 0.0, 0.0])
             t[0] += row["package_ms"]
             t[1] += row["interleaved_ms"]
-            print(f"{shape} M={m}: package {row['package_ms'] * 1e3:.1f} us, interleaved {row['interleaved_ms'] * 1e3:.1f}",
-                  flush=True)
-    for m, (a, b) in totals.items():
-        print(f"per layer M={m}: package {a * 1e3:.1f} us, interleaved {b * 1e3:.1f}", flush=True)
+            t[2] += row["rotated_ms"]
+            print(f"{shape} M={m}: package {row['package_ms'] * 1e3:.1f} us, interleaved {row['interleaved_ms'] * 1e3:.1f}, "
+                  f"rotated {row['rotated_ms'] * 1e3:.1f}", flush=True)
+    for m, (a, b, r) in totals.items():
+        print(f"per layer M={m}: package {a * 1e3:.1f} us, interleaved {b * 1e3:.1f}, rotated {r * 1e3:.1f}", flush=True)
     if os.environ.get("OUT"):
         system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
         with open(os.path.join(os.environ["OUT"], "nf4_interleave.json"), "w") as f:
