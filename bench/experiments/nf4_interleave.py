@@ -2,7 +2,6 @@
 
     python bench/experiments/nf4_interleave.py     # on an sm80+ GPU; checks, then times; writes $OUT/nf4_interleave.json
 
-
 In the package's fragment layout (`mistral_t4.kernels.nf4_cuda`) a row group's 64-weight blocks
 are contiguous (512 bytes each), so each warp of the batch-1 kernel streams its 2 groups as 2
 separate 512-byte-per-step streams: ~4,000 concurrent streams per matmul on 132 SMs. Here the
