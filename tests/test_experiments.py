@@ -11,6 +11,22 @@ import torch
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "bench" / "experiments"
 
 
+def compiled(source, arch, tmp_path):
+    """(resource usage, SASS) of `source` compiled by NVRTC for `arch`, read back by Triton's cuobjdump."""
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    triton = pytest.importorskip("triton")
+    cubin = tmp_path / "kernels.cubin"
+    cubin.write_bytes(nf4_cuda._nvrtc_compile(source, arch)[0])
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return usage, sass
+
+
 def load(name):
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -91,19 +107,11 @@ def test_wgmma_experiment_compiles(tmp_path):
 def test_wide_experiment_compiles(tmp_path):
     """bench/experiments/nf4_wide.py instantiates the package kernel's template for each variant:
     all compile for sm_90 (NVRTC, no GPU) with no local memory, each with its MMAs."""
-    from mistral_t4.kernels import nf4_cuda
-
-    if nf4_cuda.nvrtc_library() is None:
-        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
-    triton = pytest.importorskip("triton")
     wide = load("nf4_wide")
-    cubin = tmp_path / "wide.cubin"
-    cubin.write_bytes(nf4_cuda._nvrtc_compile(wide.source(), "sm_90")[0])
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
+    usage, sass = compiled(wide.source(), "sm_90", tmp_path)
     names = [wide.name(v) for v in wide.VARIANTS]
     assert all(name in usage for name in names) and usage.count("LOCAL:0") == len(names) + 3, usage
+    assert sass.count("HMMA.16816.F32") >= 4 * len(names)
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
 
 
@@ -111,19 +119,9 @@ def test_bulk_experiment_compiles(tmp_path):
     """bench/experiments/nf4_bulk.py (the package kernel with a TMA-filled weight ring) compiles for
     sm_90a with no local memory, issues bulk copies (UBLKCP) and waits on mbarriers, and its shared
     memory fits the 227 KB a block may have where the window starts at 1 KB."""
-    from mistral_t4.kernels import nf4_cuda
-
-    if nf4_cuda.nvrtc_library() is None:
-        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
-    triton = pytest.importorskip("triton")
     bulk = load("nf4_bulk")
-    cubin = tmp_path / "bulk.cubin"
-    cubin.write_bytes(nf4_cuda._nvrtc_compile(bulk.source(), "sm_90a")[0])
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
+    usage, sass = compiled(bulk.source(), "sm_90a", tmp_path)
     assert usage.count("LOCAL:0") == len(bulk.VARIANTS) + 3, usage
-    sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     assert "UBLKCP" in sass and "SYNCS.PHASECHK" in sass
     assert all(bulk.shared_bytes(v, 1024) <= 227 * 1024 for v in bulk.VARIANTS)
 

@@ -12,7 +12,7 @@ ring of S slots in shared memory, completed on one mbarrier per slot; the lanes 
 16 bytes back (`ld.shared`) instead of holding them in registers. The ring lives in the 63 KB
 of the window below the 64 KB-aligned table and above it (up to the 227 KB a block may have).
 Everything else is the package's kernel (table, prmt addresses, MMAs, per-block scaling,
-split-K, row groups per CTA).
+row groups per CTA; its stores and split-K sums are the package's `nf4_matmul_store`).
 
 Result (H200, nf4_bulk_h200_2026-11-26.json; CUDA-graph replay, L2 flushed; 80-112 KB in
 flight per SM against the package's 64 KB, 56-79 registers against 126): slower everywhere.
@@ -87,9 +87,9 @@ __device__ __forceinline__ void nf4_bulk_body(
     const int kb0 = blockIdx.y * per;
     const int kb1 = min(kb0 + per, nb);
     const int g = lane >> 2, c = lane & 3;
-    float acc[NG][4];
+    float acc[NG][1][4];
     #pragma unroll
-    for (int q = 0; q < NG; q++) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.f;
+    for (int q = 0; q < NG; q++) acc[q][0][0] = acc[q][0][1] = acc[q][0][2] = acc[q][0][3] = 0.f;
     if (G0 < end && kb0 < kb1) {
         const char* wsrc[NG];
         const char* ssrc[NG];
@@ -142,59 +142,16 @@ __device__ __forceinline__ void nf4_bulk_body(
                             if (t == 0) mma0(block, a0, a1, a2, a3, word(xw, 0), word(xw, 1));
                             else mma(block, a0, a1, a2, a3, word(xw, (2 * t) & 3), word(xw, (2 * t + 1) & 3));
                         }
-                        acc[q][0] = fmaf(__uint_as_float(sv.x), block[0], acc[q][0]);
-                        acc[q][1] = fmaf(__uint_as_float(sv.x), block[1], acc[q][1]);
-                        acc[q][2] = fmaf(__uint_as_float(sv.y), block[2], acc[q][2]);
-                        acc[q][3] = fmaf(__uint_as_float(sv.y), block[3], acc[q][3]);
+                        acc[q][0][0] = fmaf(__uint_as_float(sv.x), block[0], acc[q][0][0]);
+                        acc[q][0][1] = fmaf(__uint_as_float(sv.x), block[1], acc[q][0][1]);
+                        acc[q][0][2] = fmaf(__uint_as_float(sv.y), block[2], acc[q][0][2]);
+                        acc[q][0][3] = fmaf(__uint_as_float(sv.y), block[3], acc[q][0][3]);
                     }
                 }
             }
         }
     }
-    if (split_k == 1) {
-        #pragma unroll
-        for (int q = 0; q < NG; q++) {
-            if (G0 + q >= end) break;
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int m = 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[q][i]);
-            }
-        }
-        return;
-    }
-    #pragma unroll
-    for (int q = 0; q < NG; q++) {
-        if (G0 + q >= end) break;
-        #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int m = 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-            if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[q][i];
-        }
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        const u32 last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
-        asm volatile("st.shared.u32 [%0], %1;" :: "r"(flag), "r"(last));
-    }
-    __syncthreads();
-    u32 last;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(last) : "r"(flag));
-    if (!last) return;
-    __threadfence();
-    const int rows = (end - first) * 16;
-    for (int e = tid; e < rows * M; e += WARPS * 32) {
-        const int m = e / rows, n = first * 16 + e % rows;
-        float total = 0.f;
-        for (int k = 0; k < split_k; k++) {
-            float v;
-            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
-            total += v;
-        }
-        out[(size_t)m * stride_om + n] = to_half(total);
-    }
-    if (tid == 0) counters[blockIdx.x] = 0;
+    nf4_matmul_store<1, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end, G0, flag);
 }
 
 #define NF4_BULK(NAME, NG, S, C, WARPS) \

@@ -112,6 +112,64 @@ extern "C" __global__ void smem_base(u32* out) {
     out[0] = (u32)__cvta_generic_to_shared(probe);
 }
 
+// The block's results: acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h] (G0 + q < end),
+// stored, or with split-K written as partials that the block arriving last sums in split order into out.
+// `flag`: a shared-memory word. Every thread of the block calls it.
+template <int NT, int NG, int WARPS>
+__device__ __forceinline__ void nf4_matmul_store(
+        const float (&acc)[NG][NT][4], u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
+        int M, int N, int stride_om, int split_k, int first, int end, int G0, u32 flag) {
+    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    if (split_k == 1) {
+        #pragma unroll
+        for (int q = 0; q < NG; q++) {
+            if (G0 + q >= end) break;
+            #pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                #pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                    if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[q][nt][i]);
+                }
+        }
+        return;
+    }
+    #pragma unroll
+    for (int q = 0; q < NG; q++) {
+        if (G0 + q >= end) break;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[q][nt][i];
+            }
+    }
+    __threadfence();  // every partial of this block is visible before the counter says so
+    __syncthreads();
+    if (tid == 0) {
+        const u32 last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
+        asm volatile("st.shared.u32 [%0], %1;" :: "r"(flag), "r"(last));
+    }
+    __syncthreads();
+    u32 last;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(last) : "r"(flag));
+    if (!last) return;
+    __threadfence();
+    const int rows = (end - first) * 16;  // the block's tile, element by element
+    for (int e = tid; e < rows * M; e += WARPS * 32) {
+        const int m = e / rows, n = first * 16 + e % rows;
+        float total = 0.f;
+        for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
+            float v;
+            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
+            total += v;
+        }
+        out[(size_t)m * stride_om + n] = to_half(total);
+    }
+    if (tid == 0) counters[blockIdx.x] = 0;
+}
+
 // out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, tile_groups), split_k), 32 WARPS threads:
 // block x owns the tile_groups (<= WARPS NG) row groups from tile_groups x, its warp w the NG of them from
 // w NG on (warps past the tile's end idle); block y a K range. Dynamic shared memory: table_shared_bytes.
@@ -217,55 +275,7 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
         }
     }
-    // acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h]
-    if (split_k == 1) {
-        #pragma unroll
-        for (int q = 0; q < NG; q++) {
-            if (G0 + q >= end) break;
-            #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-                #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                    if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[q][nt][i]);
-                }
-        }
-        return;
-    }
-    #pragma unroll
-    for (int q = 0; q < NG; q++) {
-        if (G0 + q >= end) break;
-        #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-            #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[q][nt][i];
-            }
-    }
-    __threadfence();  // every partial of this block is visible before the counter says so
-    __syncthreads();
-    if (tid == 0) {
-        const u32 last = atomicAdd(counters + blockIdx.x, 1) == split_k - 1;
-        asm volatile("st.shared.u32 [%0], %1;" :: "r"(flag), "r"(last));
-    }
-    __syncthreads();
-    u32 last;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(last) : "r"(flag));
-    if (!last) return;
-    __threadfence();
-    const int rows = (end - first) * 16;  // the block's tile, element by element
-    for (int e = tid; e < rows * M; e += WARPS * 32) {
-        const int m = e / rows, n = first * 16 + e % rows;
-        float total = 0.f;
-        for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
-            float v;
-            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
-            total += v;
-        }
-        out[(size_t)m * stride_om + n] = to_half(total);
-    }
-    if (tid == 0) counters[blockIdx.x] = 0;
+    nf4_matmul_store<NT, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end, G0, flag);
 }
 
 #define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
