@@ -95,6 +95,25 @@ def rel_error(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def check_matmul(out, ref, counters, label):
+    """For the experiments: 0 if `out` matches `ref` (relative error < 1e-3) and every split-K
+    counter is back to zero, else 1 and a WRONG line."""
+    torch.cuda.synchronize()
+    err, left = rel_error(out, ref), int(counters.abs().sum())
+    if err < 1e-3 and left == 0:
+        return 0
+    print(f"WRONG {label}: {err} {left}", flush=True)
+    return 1
+
+
+def write_record(name, **payload):
+    """For the experiments: $OUT/<name>.json (when OUT is set) with the card, torch version and date."""
+    if os.environ.get("OUT"):
+        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
+            json.dump(dict(system=system, **payload), f, indent=1)
+
+
 def random_param(in_features, out_features, device):
     """A bitsandbytes NF4 weight (double quantization) of random fp16 values."""
     w = torch.randn(out_features, in_features, dtype=torch.float16) * 0.02

@@ -24,7 +24,6 @@ number of requests an SM has outstanding. (Its first run also reported "WRONG" f
 17 groups with one group per warp: a harness error, 16 warps x 1 group cannot cover 17; the
 harness now only asks tiles its warps can hold.)
 """
-import json
 import os
 import sys
 import time
@@ -209,7 +208,7 @@ class Bulk:
 
 def main():
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer
+    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, check_matmul, random_param, timer, write_record
 
     from mistral_t4.kernels import NF4Weight, multiprocessor_count, nf4_cuda
 
@@ -231,11 +230,7 @@ def main():
                     for tile in (v[0] * v[3], 17) if v[0] * v[3] >= 17 else (v[0] * v[3], 15):
                         out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
                         bulk.matmul(x, w, v, split_k, tile, out=out)
-                        torch.cuda.synchronize()
-                        err, counters = rel_error(out, ref), int(w.tile_counters.abs().sum())
-                        if not (err < 1e-3 and counters == 0):
-                            failures += 1
-                            print(f"WRONG n={n} k={k} m={m} split={split_k} {v} x{tile}: {err} {counters}", flush=True)
+                        failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} split={split_k} {v} x{tile}")
         print(f"checked N={n} K={k}", flush=True)
     sms = multiprocessor_count(dev)
     results, per_layer = [], {}
@@ -263,10 +258,7 @@ def main():
     for m, t in per_layer.items():
         print(f"per layer M={m}: package {t['package'] * 1e3:.1f} us, bulk (best per shape) {t['bulk'] * 1e3:.1f}",
               flush=True)
-    if os.environ.get("OUT"):
-        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-        with open(os.path.join(os.environ["OUT"], "nf4_bulk.json"), "w") as f:
-            json.dump(dict(system=system, failures=failures, results=results, per_layer=per_layer), f, indent=1)
+    write_record("nf4_bulk", failures=failures, results=results, per_layer=per_layer)
     sys.exit(1 if failures else 0)
 
 

@@ -19,10 +19,8 @@ Results (H200, correct at 1 and 8 rows): first run (interleaved only) per layer 
 gains 2-3% at 1 row, rotating loses 5%: neither page locality nor partition camping is what holds
 the weight stream back.
 """
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -92,7 +90,7 @@ def interleave(packed, scales, ng):
 
 def main():
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer
+    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer, write_record
 
     from mistral_t4.kernels import NF4Weight, multiprocessor_count, nf4_cuda
 
@@ -140,10 +138,7 @@ def main():
                   f"rotated {row['rotated_ms'] * 1e3:.1f}", flush=True)
     for m, (a, b, r) in totals.items():
         print(f"per layer M={m}: package {a * 1e3:.1f} us, interleaved {b * 1e3:.1f}, rotated {r * 1e3:.1f}", flush=True)
-    if os.environ.get("OUT"):
-        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-        with open(os.path.join(os.environ["OUT"], "nf4_interleave.json"), "w") as f:
-            json.dump(dict(system=system, failures=failures, results=results, per_layer=totals), f, indent=1)
+    write_record("nf4_interleave", failures=failures, results=results, per_layer=totals)
     sys.exit(1 if failures else 0)
 
 

@@ -38,7 +38,6 @@ Results (H200, CUDA-graph replay with L2 flushed):
 At 32 rows x is the limit: each warp reloads 32 rows x 64 k of x (4 KB, from L1) for every
 1-2 groups of weights (1-2 KB); more groups per warp run out of registers (NT=4, NG=4: 249).
 """
-import json
 import os
 import sys
 import time
@@ -100,7 +99,7 @@ class Wide:
 
 def main():
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, random_param, rel_error, timer
+    from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, check_matmul, random_param, timer, write_record
 
     from mistral_t4.kernels import NF4Weight, nf4_cuda, nf4_triton
 
@@ -126,11 +125,7 @@ def main():
                     for tile in (None, 17, 22) if v == PACKAGE else (None,):  # odd tiles: warps half full, idle
                         out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
                         wide.matmul(x, w, split_k, v, out=out, tile_groups=tile)
-                        torch.cuda.synchronize()
-                        err, counters = rel_error(out, ref), int(w.tile_counters.abs().sum())
-                        if not (err < 1e-3 and counters == 0):
-                            failures += 1
-                            print(f"WRONG n={n} k={k} m={m} split={split_k} {v} x{tile}: {err} {counters}", flush=True)
+                        failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} split={split_k} {v} x{tile}")
         print(f"checked N={n} K={k}", flush=True)
     results, per_layer = [], {}
     for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
@@ -166,11 +161,7 @@ def main():
         print(f"per layer M={m}: triton {t['triton'] * 1e3:.1f} us, package {t['package'] * 1e3:.1f}, "
               f"best variant per shape {t['wide'] * 1e3:.1f}",
               flush=True)
-    if os.environ.get("OUT"):
-        system = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                      shared_bytes=wide.shared)
-        with open(os.path.join(os.environ["OUT"], "nf4_wide.json"), "w") as f:
-            json.dump(dict(system=system, failures=failures, results=results, per_layer=per_layer), f, indent=1)
+    write_record("nf4_wide", shared_bytes=wide.shared, failures=failures, results=results, per_layer=per_layer)
     sys.exit(1 if failures else 0)
 
 
