@@ -78,13 +78,8 @@ __device__ __forceinline__ void nf4_bulk_body(
     }
     __syncthreads();
     const u32 lane_base = table | (lane << 2);
-    const int first = blockIdx.x * tile_groups;
-    const int end = min(N >> 4, first + tile_groups);
-    const int G0 = first + warp * NG;
-    const int nb = K >> 6;
-    const int per = (nb + split_k - 1) / split_k;
-    const int kb0 = blockIdx.y * per;
-    const int kb1 = min(kb0 + per, nb);
+    const Nf4Tile tile = nf4_tile<NG>(N, K, split_k, tile_groups, warp);
+    const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
     const int g = lane >> 2, c = lane & 3;
     float acc[NG][1][4];
     #pragma unroll

@@ -112,6 +112,22 @@ extern "C" __global__ void smem_base(u32* out) {
     out[0] = (u32)__cvta_generic_to_shared(probe);
 }
 
+// This block's row groups first .. end - 1 (tile_groups from blockIdx.x), this warp's NG of them from G0,
+// and its K blocks kb0 .. kb1 - 1 of nb (split_k ranges, blockIdx.y).
+struct Nf4Tile { int first, end, G0, nb, kb0, kb1; };
+template <int NG>
+__device__ __forceinline__ Nf4Tile nf4_tile(int N, int K, int split_k, int tile_groups, int warp) {
+    Nf4Tile t;
+    t.first = blockIdx.x * tile_groups;
+    t.end = min(N >> 4, t.first + tile_groups);
+    t.G0 = t.first + warp * NG;
+    t.nb = K >> 6;
+    const int per = (t.nb + split_k - 1) / split_k;
+    t.kb0 = blockIdx.y * per;
+    t.kb1 = min(t.kb0 + per, t.nb);
+    return t;
+}
+
 // The block's results: acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h] (G0 + q < end),
 // stored, or with split-K written as partials that the block arriving last sums in split order into out.
 // `flag`: a shared-memory word. Every thread of the block calls it.
@@ -197,13 +213,8 @@ __device__ __forceinline__ void nf4_matmul_body(
     __syncthreads();
     // prmt(word, lane_base, 0x76j4) = table + 256 * (byte j of word) + 4 * lane: one instruction
     const u32 lane_base = table | (lane << 2);
-    const int first = blockIdx.x * tile_groups;  // this block's row groups: first .. end - 1
-    const int end = min(N >> 4, first + tile_groups);
-    const int G0 = first + warp * NG;
-    const int nb = K >> 6;
-    const int per = (nb + split_k - 1) / split_k;
-    const int kb0 = blockIdx.y * per;
-    const int kb1 = min(kb0 + per, nb);
+    const Nf4Tile tile = nf4_tile<NG>(N, K, split_k, tile_groups, warp);
+    const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
     const int g = lane >> 2, c = lane & 3;
     float acc[NG][NT][4];
     #pragma unroll
