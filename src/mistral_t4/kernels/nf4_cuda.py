@@ -373,6 +373,7 @@ def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch
 CTA_COST = 96  # a CTA's fixed cost (start, table, first loads, partial sums) in row-group blocks
 
 
+@functools.cache  # every call of nf4_matmul asks; a search over ~45 candidates each time in eager decode
 def matmul_geometry(n: int, k: int, sm_count: int) -> tuple[int, int]:
     """(row groups per CTA, split-K) for nf4_matmul. One CTA fills an SM (127 KB of shared
     memory), so a grid is ceil(CTAs / SMs) waves, and a wave lasts as long as its CTAs' work:
