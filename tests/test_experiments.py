@@ -115,6 +115,21 @@ def test_wide_experiment_compiles(tmp_path):
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
 
 
+def test_stream_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_stream.py's kernels (the package kernel's loads with its arithmetic
+    taken out) compile for sm_90 beside the package's; only the table variant reads shared memory."""
+    stream = load("nf4_stream")
+    from mistral_t4.kernels import nf4_cuda
+
+    usage, sass = compiled(nf4_cuda.SOURCE + stream.STREAM, "sm_90", tmp_path)
+    kernels = {kernel for _, kernel, _ in stream.VARIANTS}
+    assert kernels == {"stream_loads", "stream_loads_d8", "stream_loads_2cta", "stream_table"}
+    functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+    for kernel in kernels:
+        assert "LDG.E.128" in functions[kernel], kernel  # the ring's 16-byte weight loads
+        assert ("LDS" in functions[kernel]) == (kernel == "stream_table") and "HMMA" not in functions[kernel]
+
+
 def test_bulk_experiment_compiles(tmp_path):
     """bench/experiments/nf4_bulk.py (the package kernel with a TMA-filled weight ring) compiles for
     sm_90a with no local memory, issues bulk copies (UBLKCP) and waits on mbarriers, and its shared

@@ -270,19 +270,24 @@ def test_fused_kernel_compiles_for_gpus(capability, mma, tmp_path):
 
 
 def test_cuda_geometry_rule():
-    """Row groups per CTA and split-K of the Mistral-7B decode shapes on a 132-SM card (the H200,
-    whose sweep fitted the rule), and the rule's bounds: an even group count the warps can hold,
-    a power-of-two split up to 16 with at least 4 K blocks each, never more than one wave
-    where one wave of the whole tile fits."""
+    """Row groups per CTA, split-K across CTAs and K ranges per CTA of the Mistral-7B decode shapes
+    on a 132-SM card (the H200, whose sweep fitted the rule), and the rule's bounds: an even group
+    count, K ranges the CTA's warps can hold of >= 4 K blocks each, a power-of-two split up to 16
+    with at least 4 K blocks each, never more than one wave where one wave of the whole tile fits."""
     from mistral_t4.kernels.nf4_cuda import GROUPS_PER_WARP, WARPS, matmul_geometry
 
     chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
-    assert chosen == {"qkv": (24, 8), "o": (32, 16), "gate_up": (28, 2), "down": (32, 16)}
-    for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58)]:
-        tile, split = matmul_geometry(n, k, sms)
-        assert WARPS <= tile <= WARPS * GROUPS_PER_WARP and tile % 2 == 0
+    assert chosen == {"qkv": (4, 1, 8), "o": (2, 1, 16), "gate_up": (14, 1, 2), "down": (2, 1, 16)}
+    for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
+                      (4096, 4096, 114), (960, 576, 40)]:
+        tile, split, slices = matmul_geometry(n, k, sms)
+        assert 2 <= tile <= WARPS * GROUPS_PER_WARP and tile % 2 == 0
         assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
+        assert 1 <= slices and tile // GROUPS_PER_WARP * slices <= WARPS
+        assert slices == 1 or k // 64 // split // slices >= 4
+        if -(-(n // 16) // (WARPS * GROUPS_PER_WARP)) <= sms:
+            assert -(-(n // 16) // tile) * split <= sms
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
@@ -346,13 +351,14 @@ def test_cuda_table_address_is_one_prmt(window_start):
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
-def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, window_start=1024):
+def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, window_start=1024):
     """nf4_cuda's nf4_matmul (the package instance: 1 column tile, GROUPS_PER_WARP groups per warp,
     WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
-    column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the stores and the
-    split-K sum in split order. Products and sums in fp64 (the tensor core's order differs)."""
+    column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
+    (`slices`) and their sums, the stores and the split-K sum in split order. Products and sums
+    in fp64 (the tensor core's order differs)."""
     from mistral_t4.kernels import nf4_cuda
 
     warps, groups_per_warp = nf4_cuda.WARPS, nf4_cuda.GROUPS_PER_WARP
@@ -394,12 +400,18 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
         end = min(n_groups, first + tile_groups)
         for by in range(split_k):
             kb0, kb1 = by * per, min(by * per + per, nb)
+            per_slice = warps // slices  # nf4_tile: warp w takes K range w // per_slice, groups of w % per_slice
+            in_slice = -(-(kb1 - kb0) // slices)
+            sums = {}
             for warp in range(warps):
-                g0 = first + warp * groups_per_warp
+                s = warp // per_slice
+                g0 = first + (warp - s * per_slice) * groups_per_warp if s < slices else end
+                r0 = min(kb0 + s * in_slice, kb1) if slices > 1 else kb0
+                r1 = min(r0 + in_slice, kb1) if slices > 1 else kb1
                 acc = np.zeros((groups_per_warp, 32, 4))
                 if g0 < end:
                     rows = np.minimum(g, m - 1)  # lane row g of the B tile, clamped to M - 1
-                    for b in range(kb0, kb1):
+                    for b in range(r0, r1):
                         xv = np.stack([xh[rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)])
                         for q in range(groups_per_warp):
                             gq = min(g0 + q, end - 1)
@@ -420,8 +432,14 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                                 for l in range(32):
                                     block[l] += [D[g[l], 2 * c[l]], D[g[l], 2 * c[l] + 1],
                                                  D[g[l] + 8, 2 * c[l]], D[g[l] + 8, 2 * c[l] + 1]]
-                            s = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
-                            acc[q] += block * np.repeat(s, 2, axis=1)
+                            pair = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
+                            acc[q] += block * np.repeat(pair, 2, axis=1)
+                sums[warp] = (s, g0, acc)
+            for warp, (s, g0, acc) in sums.items():
+                if s != 0:  # only range 0's warps store, after adding the other ranges' sums in range order
+                    continue
+                for other in range(1, slices):
+                    acc = acc + sums[warp + other * per_slice][2]
                 for q in range(groups_per_warp):
                     if g0 + q >= end:
                         break
@@ -437,18 +455,21 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     return out
 
 
-@pytest.mark.parametrize("n, k, m, split_k, tile_groups", [
-    (48, 192, 1, 1, 32), (48, 576, 3, 2, 2), (1040, 192, 8, 3, 32), (560, 320, 5, 4, 17), (1040, 128, 2, 1, 22)])
-def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups):
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices", [
+    (48, 192, 1, 1, 32, 1), (48, 576, 3, 2, 2, 1), (1040, 192, 8, 3, 32, 1), (560, 320, 5, 4, 17, 1),
+    (1040, 128, 2, 1, 22, 1), (96, 1024, 1, 1, 2, 16), (208, 960, 4, 2, 6, 5), (96, 448, 7, 1, 10, 3),
+    (48, 320, 8, 1, 4, 8)])
+def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices):
     """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
     (groups past a tile's end, tiles that leave warps half busy or idle, uneven and empty splits,
-    M < 8), equals the reference, and every
+    K ranges per CTA: 16 of 1 group pair, 5 with an idle warp, uneven and empty ranges, M < 8),
+    equals the reference, and every
     output (poisoned with NaN first) is written. The emulator takes the byte-permute selectors
     from the kernel's source: swapping two of them there fails this test."""
     w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     assert w.backend == "cuda"
     x = torch.randn(m, k, dtype=torch.float16)
-    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices)
     ref = nf4_linear_reference(x.double(), w).numpy()
     assert not np.isnan(got).any(), "an output the kernel never writes"
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -231,7 +231,7 @@ def main():
     results, per_layer = [], {}
     for shape, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
-        tile, split = nf4_cuda.matmul_geometry(n, k, sms)
+        tile, split, _ = nf4_cuda.matmul_geometry(n, k, sms, ranges=False)  # its kernels: one K range per CTA
         for m in (1, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             row = dict(shape=shape, m=m, package_ms=time_ms(lambda: nf4_cuda.nf4_matmul(

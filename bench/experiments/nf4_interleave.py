@@ -114,7 +114,7 @@ def main():
     for shape, k, n in [("check 1024->4096", 4096, 1024)] + [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         packed, scales = interleave(w.packed, w.absmax, nf4_cuda.GROUPS_PER_WARP)
-        tile, split = nf4_cuda.matmul_geometry(n, k, sms)
+        tile, split, _ = nf4_cuda.matmul_geometry(n, k, sms, ranges=False)  # its kernels: one K range per CTA
         ref_w = w.dequantize(torch.float32)
         for m in (1, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)

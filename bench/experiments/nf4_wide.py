@@ -35,6 +35,10 @@ Results (H200, CUDA-graph replay with L2 flushed):
     or within 1% per shape: per layer 66.6 us at 1 row, 86.2 at 8 (32 groups per CTA: 67.0 /
     89.6 in the cache-policy run); batch-1 decode 2.70 -> 2.68 ms/token
     (bench/results/h200_2026-11-26_s5_geometry/).
+  * nf4_wide_8warps_h200_2026-11-26.json (this script with VARIANTS set to 8-warp CTAs of up to
+    255 registers: (4, 4, 4, 8), (4, 4, 2, 8), (4, 3, 4, 8), (4, 2, 4, 8), (2, 4, 4, 8), (2, 2,
+    4, 8)): more groups per warp share x but no variant beats Triton at 16 or 32 rows (per
+    layer best 128.8 / 154.9 us vs 116.3 / 135.4).
 At 32 rows x is the limit: each warp reloads 32 rows x 64 k of x (4 KB, from L1) for every
 1-2 groups of weights (1-2 KB); more groups per warp run out of registers (NT=4, NG=4: 249).
 """
@@ -93,7 +97,7 @@ class Wide:
         tiles = -(-(n // 16) // tile_groups)
         self.mod.launch(name(v), (tiles, split_k), warps * 32,
                         [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
-                         out.stride(0), split_k, tile_groups], shared=self.shared)
+                         out.stride(0), split_k, tile_groups, 1], shared=self.shared)  # one K range per CTA
         return out
 
 

@@ -23,11 +23,15 @@ the result is already a tensor-core register:
     accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
   * each warp owns 2 groups of 16 weight rows (sharing x's fragments), with a ring of 4
     blocks of 128-bit weight loads that skip L1, refilled as each block is used;
-  * split-K with per-tile counters, as the Triton kernel: the last CTA of a tile sums the
-    partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
+  * the ring's first loads go out before the table is built, so the table waits under them;
+  * K cut into ranges among a CTA's warps (`slices`: a CTA of 2 row groups has 16 warps each
+    on a 16th of K), their sums added in shared memory in range order; split-K across CTAs
+    too where needed, with per-tile counters as the Triton kernel: the last CTA of a tile sums
+    the partials in a fixed order and resets its counter (one launch, CUDA-graph safe);
   * one CTA per SM, so the grid is sized in waves: `matmul_geometry` picks the row groups per
-    CTA (16-32, a runtime argument; warps past the tile's end idle) and the split so that one
-    wave fills the SMs (qkv: 24 groups x 8 splits = 128 CTAs on 132 SMs instead of 96).
+    CTA (2-32, a runtime argument), the split and the ranges so that one wave fills the SMs
+    (on 132 SMs: o and down 128 CTAs of 2 groups x 16 ranges, gate_up 128 of 14 x 2, qkv 96
+    of 4 x 8) with no partial sums through global memory.
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps);
 bench/experiments/nf4_wide.py instantiates others from this source to tune it.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
@@ -36,6 +40,9 @@ address, a 32 KB table, 4 warps per CTA) and 109 us for the Triton kernel; at 8 
 / 114; from 16 rows up the Triton kernel wins (each warp reloads x for every 32 weight rows).
 8 layers of decode-step matmuls in one graph at 1 row: 0.52 ms, 1.88 TB/s of NF4 (Triton:
 0.84 ms); batch-1 decode 3.30 -> 2.71 ms per token (bench/results/h200_2026-11-26_s5_prmt_table/).
+K ranges per CTA instead of split-K across CTAs (bench/experiments/nf4_ranges.py): per layer at
+8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9. What is left at 1 row is mostly the stream itself:
+the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
 rows in groups of 16 (G), K in blocks of 64 (b). Per (G, b) 512 bytes; lane l = 4g + c of a
@@ -65,6 +72,7 @@ BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
 GROUP = 16  # weight rows per MMA tile
 MAX_ROWS = 8  # rows of x per call (one 8-wide MMA column tile)
 WARPS, GROUPS_PER_WARP = 16, 2  # nf4_matmul's CTA: 16 warps x 2 row groups, at most 512 weight rows
+REDUCE_BYTES = WARPS * GROUPS_PER_WARP * 512  # shared memory for the sums of a CTA's K ranges (slices > 1)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -112,19 +120,28 @@ extern "C" __global__ void smem_base(u32* out) {
     out[0] = (u32)__cvta_generic_to_shared(probe);
 }
 
-// This block's row groups first .. end - 1 (tile_groups from blockIdx.x), this warp's NG of them from G0,
-// and its K blocks kb0 .. kb1 - 1 of nb (split_k ranges, blockIdx.y).
-struct Nf4Tile { int first, end, G0, nb, kb0, kb1; };
+// This block's row groups first .. end - 1 (tile_groups from blockIdx.x) and K blocks of its split_k range
+// (blockIdx.y), cut into `slices` ranges among its warps: warp w takes range s = w / per_slice (per_slice
+// warps each) and the NG groups from G0 = first + (w % per_slice) NG; its K blocks kb0 .. kb1 - 1 of nb.
+// Warps of a range >= slices idle (G0 = end).
+struct Nf4Tile { int first, end, G0, nb, kb0, kb1, slice; };
 template <int NG>
-__device__ __forceinline__ Nf4Tile nf4_tile(int N, int K, int split_k, int tile_groups, int warp) {
+__device__ __forceinline__ Nf4Tile nf4_tile(int N, int K, int split_k, int tile_groups, int warp, int slices = 1,
+                                             int per_slice = 1 << 30) {
     Nf4Tile t;
+    t.slice = warp / per_slice;
     t.first = blockIdx.x * tile_groups;
     t.end = min(N >> 4, t.first + tile_groups);
-    t.G0 = t.first + warp * NG;
+    t.G0 = t.slice < slices ? t.first + (warp - t.slice * per_slice) * NG : t.end;
     t.nb = K >> 6;
     const int per = (t.nb + split_k - 1) / split_k;
     t.kb0 = blockIdx.y * per;
     t.kb1 = min(t.kb0 + per, t.nb);
+    if (slices > 1) {
+        const int in_slice = (t.kb1 - t.kb0 + slices - 1) / slices;
+        t.kb0 = min(t.kb0 + t.slice * in_slice, t.kb1);
+        t.kb1 = min(t.kb0 + in_slice, t.kb1);
+    }
     return t;
 }
 
@@ -187,22 +204,52 @@ __device__ __forceinline__ void nf4_matmul_store(
 }
 
 // out (M, N) = x (M, K) @ W.T for M <= 8 NT. Grid (cdiv(N / 16, tile_groups), split_k), 32 WARPS threads:
-// block x owns the tile_groups (<= WARPS NG) row groups from tile_groups x, its warp w the NG of them from
-// w NG on (warps past the tile's end idle); block y a K range. Dynamic shared memory: table_shared_bytes.
-// counters: >= gridDim.x ints, zero on entry and on exit.
+// block x owns the tile_groups (<= WARPS NG / slices) row groups from tile_groups x, block y a K range,
+// which its warps cut into `slices` ranges (nf4_tile; warps past the tile's end idle); the ranges' sums
+// meet in shared memory (range order: the same sum every call). Dynamic shared memory: table_shared_bytes,
+// and REDUCE_BYTES more when slices > 1 unless the window has them below the table. counters: >= gridDim.x
+// ints, zero on entry and on exit.
 template <int NT, int NG, int D, int WARPS>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups) {
+        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1) {
     extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 base = (u32)__cvta_generic_to_shared(window);
     const u32 table = (base + 0xFFFFu) & ~0xFFFFu;  // 256 rows of 256 bytes on a 64 KB boundary
+    // the ranges' sums (WARPS NG NT 4 floats per lane): below the table where the window has room (sm90), else after it
+    const u32 reduce = table - base >= WARPS * NG * NT * 512 ? base : table + 65536u;
     {
         u32 size;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
-        if (table + 65536u > base + size) __trap();  // the host asked for too little
+        const u32 needed = slices > 1 && reduce != base ? reduce + WARPS * NG * NT * 512 : table + 65536u;
+        if (needed > base + size) __trap();  // the host asked for too little
+    }
+    const int per_slice = WARPS / slices;
+    const Nf4Tile tile = nf4_tile<NG>(N, K, split_k, tile_groups, warp, slices, per_slice);
+    const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
+    const int g = lane >> 2, c = lane & 3;
+    // the ring's first loads go out before the table is built: its stores and barrier wait under them
+    const uint4* wp[NG];
+    const uint2* sp[NG];
+    #pragma unroll
+    for (int q = 0; q < NG; q++) {
+        const int G = min(G0 + q, end - 1);  // past the tile's end: recompute its last group, never stored
+        wp[q] = wq + (size_t)G * nb * 32 + lane;
+        sp[q] = scales + (size_t)G * nb * 8 + g;
+    }
+    uint4 wr[D][NG];
+    uint2 sr[D][NG];
+    if (G0 < end) {
+        #pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int b = kb0 + d;
+            if (b < kb1) {
+                #pragma unroll
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+            }
+        }
     }
     for (int i = tid; i < 2048; i += WARPS * 32) {  // row b = i >> 3: 8 x 16 bytes = its 32 copies
         const int b = i >> 3;
@@ -213,36 +260,15 @@ __device__ __forceinline__ void nf4_matmul_body(
     __syncthreads();
     // prmt(word, lane_base, 0x76j4) = table + 256 * (byte j of word) + 4 * lane: one instruction
     const u32 lane_base = table | (lane << 2);
-    const Nf4Tile tile = nf4_tile<NG>(N, K, split_k, tile_groups, warp);
-    const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
-    const int g = lane >> 2, c = lane & 3;
     float acc[NG][NT][4];
     #pragma unroll
     for (int q = 0; q < NG; q++)
         #pragma unroll
         for (int nt = 0; nt < NT; nt++) acc[q][nt][0] = acc[q][nt][1] = acc[q][nt][2] = acc[q][nt][3] = 0.f;
     if (G0 < end) {
-        const uint4* wp[NG];
-        const uint2* sp[NG];
-        #pragma unroll
-        for (int q = 0; q < NG; q++) {
-            const int G = min(G0 + q, end - 1);  // past the tile's end: recompute its last group, never stored
-            wp[q] = wq + (size_t)G * nb * 32 + lane;
-            sp[q] = scales + (size_t)G * nb * 8 + g;
-        }
         const uint4* xp[NT];  // lane row g of the B tile is x's row 8 nt + g; rows past M read row M - 1:
         #pragma unroll        // they only make output columns that are never stored
         for (int nt = 0; nt < NT; nt++) xp[nt] = (const uint4*)(x + (size_t)min(nt * 8 + g, M - 1) * stride_xm + c * 16);
-        uint4 wr[D][NG];
-        uint2 sr[D][NG];
-        #pragma unroll
-        for (int d = 0; d < D; d++) {
-            const int b = kb0 + d;
-            if (b < kb1) {
-                #pragma unroll
-                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
-            }
-        }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
             #pragma unroll
             for (int d = 0; d < D; d++) {
@@ -286,15 +312,44 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
         }
     }
-    nf4_matmul_store<NT, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end, G0, flag);
+    if (slices > 1) {  // range 0's warps add the other ranges' sums to theirs, in range order
+        if (tile.slice > 0) {
+            #pragma unroll
+            for (int q = 0; q < NG; q++)
+                #pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        asm volatile("st.shared.f32 [%0], %1;"
+                                     :: "r"(reduce + (((warp * NG + q) * NT + nt) * 4 + i) * 128 + lane * 4), "f"(acc[q][nt][i]));
+        }
+        __syncthreads();
+        if (tile.slice == 0)
+            for (int s = 1; s < slices; s++) {
+                const int other = warp + s * per_slice;
+                #pragma unroll
+                for (int q = 0; q < NG; q++)
+                    #pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        #pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            float v;
+                            asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v)
+                                         : "r"(reduce + (((other * NG + q) * NT + nt) * 4 + i) * 128 + lane * 4));
+                            acc[q][nt][i] += v;
+                        }
+            }
+    }
+    nf4_matmul_store<NT, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end,
+                                    tile.slice == 0 ? G0 : end, flag);
 }
 
 #define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
-        int split_k, int tile_groups) { \
+        int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, \
-                                      tile_groups); }
+                                      tile_groups, slices); }
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -370,36 +425,40 @@ def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch
     return packed, absmax
 
 
-CTA_COST = 96  # a CTA's fixed cost (start, table, first loads, partial sums) in row-group blocks
+CTA_COST, SPLIT_COST = 135, 70  # in row-group blocks: a CTA's fixed cost; a split across CTAs' (partials, last CTA)
 
 
-@functools.cache  # every call of nf4_matmul asks; a search over ~45 candidates each time in eager decode
-def matmul_geometry(n: int, k: int, sm_count: int) -> tuple[int, int]:
-    """(row groups per CTA, split-K) for nf4_matmul. One CTA fills an SM (127 KB of shared
-    memory), so a grid is ceil(CTAs / SMs) waves, and a wave lasts as long as its CTAs' work:
-    groups per CTA x K blocks per split + CTA_COST. Fitted on the H200's gate_up at 1 row
-    (bench/experiments/nf4_wide.py; 32 groups per CTA, split 2 / 4 / 8 = 1 / 2 / 4 waves:
-    29.6 / 32.1 / 36.8 us, i.e. 0.0265 us per group-block and ~2.5 us per CTA).
+@functools.cache  # every call of nf4_matmul asks; a search over ~100 candidates each time in eager decode
+def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True) -> tuple[int, int, int]:
+    """(row groups per CTA, split-K across CTAs, K ranges per CTA) for nf4_matmul.
 
-    Over even group counts from half the warps busy to all of them (WARPS .. WARPS *
-    GROUPS_PER_WARP) and power-of-two splits of >= 4 K blocks each, the least waves x (work +
-    CTA_COST); ties go to more groups per CTA, then the smaller split. On 132 SMs: qkv (24, 8),
-    o (32, 16), gate_up (28, 2), down (32, 16); 32 groups per CTA left 36 SMs idle on qkv and
-    20 on gate_up."""
+    A CTA of T row groups keeps T / GROUPS_PER_WARP warps per K range, so its warps cut its K
+    blocks into as many ranges as they make (at least 4 blocks each) and add the ranges' sums in
+    shared memory; a split across CTAs writes partial sums to global memory, which the last CTA
+    of a tile adds. One CTA fills an SM (127 KB of shared memory), so a grid runs in
+    ceil(CTAs / SMs) waves, each as long as its CTAs' work: T x K blocks (the longest range's
+    times the ranges) + CTA_COST, plus SPLIT_COST once if split across CTAs. Fitted on the
+    H200 at 1 row (bench/experiments/nf4_wide.py's geometry sweep: 0.029 us per group-block,
+    ~3.9 us per CTA, ~2 us for a split). Over even T and power-of-two splits of >= 4 K blocks
+    each, the least cost; ties go to the smaller split, then more groups per CTA. On 132 SMs:
+    qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2).
+    `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
-    for tile in range(WARPS, WARPS * GROUPS_PER_WARP + 1, 2):
+    for tile in range(2 if ranges else WARPS, WARPS * GROUPS_PER_WARP + 1, 2):
         split = 1
         while True:
+            per_split = -(-blocks // split)
+            slices = max(1, min(WARPS // (tile // GROUPS_PER_WARP), per_split // 4)) if ranges else 1
             waves = -(-(-(-groups // tile) * split) // sm_count)
-            cost = waves * (min(tile, groups) * -(-blocks // split) + CTA_COST)
-            key = (cost, -tile, split)
+            cost = waves * (min(tile, groups) * slices * -(-per_split // slices) + CTA_COST) + (split > 1) * SPLIT_COST
+            key = (cost, split, -tile)
             if best is None or key < best[0]:
-                best = (key, tile, split)
+                best = (key, tile, split, slices)
             if split >= 16 or blocks < 8 * split:
                 break
             split *= 2
-    return best[1], best[2]
+    return best[1:]
 
 
 # ---------------------------------------------------------------- NVRTC + driver API (GPU only)
@@ -510,6 +569,8 @@ def _module_cached(index: int) -> _Module:
     for name in ("nf4_matmul", "nf4_dequantize"):  # looked up now, not during a CUDA-graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
+    below = module.table_shared - 65536  # the window's bytes below the table: the K ranges' sums go there if they fit
+    module.shared = module.table_shared + (0 if below >= REDUCE_BYTES else REDUCE_BYTES)
     return module
 
 
@@ -537,7 +598,7 @@ def available(device) -> bool:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        needed = module(device).table_shared
+        needed = module(device).shared
     except Exception:  # no NVRTC, an NVRTC too old for the card, a driver error: the Triton kernel serves
         return False
     # sm86/sm89 (RTX 30/40, L4, A10) give a block at most 99 KB: the Triton kernel serves there
@@ -560,14 +621,16 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    tile_groups, split = matmul_geometry(n, k, multiprocessor_count(x.device))
-    split_k = split if split_k is None else split_k
+    tile_groups, split, slices = matmul_geometry(n, k, multiprocessor_count(x.device))
+    if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
+        tile_groups, split, slices = WARPS * GROUPS_PER_WARP, split_k, 1
+    split_k = split
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-(n // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
     kernels.launch("nf4_matmul", grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                    m, n, k, x.stride(0), out.stride(0), split_k, tile_groups],
-                   shared=kernels.table_shared)
+                                                    m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
+                                                    slices], shared=kernels.shared)
     return out
 
 
