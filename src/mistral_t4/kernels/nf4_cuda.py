@@ -113,6 +113,20 @@ __device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
 }
 
+// Programmatic dependent launch (sm90; no-ops when the grid was launched without it, and on older cards):
+// `wait` blocks until the grids this one depends on have finished and their writes are visible;
+// `launch_dependents` lets a grid launched after this one with the attribute start its CTAs early.
+__device__ __forceinline__ void dependencies_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Where the CTA's shared window starts (0, or the 1 KB the driver reserves on sm90): the host
 // sizes the dynamic shared memory so that a 64 KB-aligned table fits (`table_shared_bytes`).
 extern "C" __global__ void smem_base(u32* out) {
@@ -258,6 +272,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     }
     const u32 flag = table + 128;  // in row 0's unused half
     __syncthreads();
+    dependencies_wait();  // launched early (`early`): weights and table above, x and outputs only from here
     // prmt(word, lane_base, 0x76j4) = table + 256 * (byte j of word) + 4 * lane: one instruction
     const u32 lane_base = table | (lane << 2);
     float acc[NG][NT][4];
@@ -312,6 +327,7 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
         }
     }
+    dependents_launch();
     if (slices > 1) {  // range 0's warps add the other ranges' sums to theirs, in range order
         if (tile.slice > 0) {
             #pragma unroll
@@ -486,23 +502,43 @@ class _Module:
             self.functions[name] = f
         return self.functions[name]
 
-    def launch(self, name: str, grid: tuple[int, int], block: int, args: list, shared: int = 0) -> None:
+    def launch(self, name: str, grid: tuple[int, int], block: int, args: list, shared: int = 0,
+               early: bool = False) -> None:
         """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints.
 
-        `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function."""
+        `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function.
+        `early`: programmatic dependent launch (sm90): the grid may start while the previous one
+        finishes; the kernel must `dependencies_wait()` before it reads what that one wrote."""
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         function = self.function(name)
         if torch.cuda.current_device() != self.index:  # the driver launches in the current device's context
             with torch.cuda.device(self.index):
-                return self.launch(name, grid, block, args, shared)
+                return self.launch(name, grid, block, args, shared, early)
         if shared > self.shared_set.get(name, 0):  # even under 48 KB: static + dynamic may pass it
             rc = self.cuda.cuFuncSetAttribute(function, 8, shared)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             _check(self.cuda, rc, f"{shared} bytes of shared memory for {name}")
             self.shared_set[name] = shared
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.index).cuda_stream)
-        rc = self.cuda.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, shared, stream, pointers, None)
+        if early:
+            attribute = _LaunchAttribute(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attribute.value[0] = 1
+            config = _LaunchConfig(grid[0], grid[1], 1, block, 1, 1, shared, stream, ctypes.pointer(attribute), 1)
+            rc = self.cuda.cuLaunchKernelEx(ctypes.byref(config), function, pointers, None)
+        else:
+            rc = self.cuda.cuLaunchKernel(function, grid[0], grid[1], 1, block, 1, 1, shared, stream, pointers, None)
         _check(self.cuda, rc, f"launch of {name}")
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id and a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("count", ctypes.c_uint)]
 
 
 def _check(cuda, rc: int, what: str) -> None:
@@ -606,8 +642,10 @@ def available(device) -> bool:
 
 
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
-               tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x (M <= 8, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4 table."""
+               tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
+               early: bool = False) -> torch.Tensor:
+    """x (M <= 8, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4 table.
+    `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py)."""
     m, k = x.shape
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
@@ -630,7 +668,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     kernels = module(x.device)
     kernels.launch("nf4_matmul", grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
                                                     m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
-                                                    slices], shared=kernels.shared)
+                                                    slices], shared=kernels.shared, early=early)
     return out
 
 
