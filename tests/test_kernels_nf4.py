@@ -314,6 +314,21 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
     assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
     assert len(re.findall(r"\bLDS\b", matmul)) >= 16
+    # programmatic dependent launch on sm90 (griddepcontrol.wait / .launch_dependents), nothing on older cards
+    assert ("ACQBULK" in matmul and "PREEXIT" in matmul) == (arch == "sm_90")
+
+
+def test_cuda_launch_config_layout():
+    """The ctypes mirrors of the driver's CUlaunchAttribute / CUlaunchConfig (cuda.h, 64-bit) that
+    an early (programmatic dependent) launch passes to cuLaunchKernelEx: sizes and offsets."""
+    import ctypes
+
+    from mistral_t4.kernels.nf4_cuda import _LaunchAttribute, _LaunchConfig
+
+    assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(_LaunchConfig) == 56
+    assert (_LaunchConfig.shared.offset, _LaunchConfig.stream.offset, _LaunchConfig.attrs.offset,
+            _LaunchConfig.count.offset) == (24, 32, 40, 48)
 
 
 def prmt(a: int, b: int, selector: int) -> int:
