@@ -110,7 +110,7 @@ def test_wide_experiment_compiles(tmp_path):
     wide = load("nf4_wide")
     usage, sass = compiled(wide.source(), "sm_90", tmp_path)
     names = [wide.name(v) for v in wide.VARIANTS]
-    assert all(name in usage for name in names) and usage.count("LOCAL:0") == len(names) + 3, usage
+    assert all(name in usage for name in names) and usage.count("LOCAL:0") == usage.count("Function "), usage
     assert sass.count("HMMA.16816.F32") >= 4 * len(names)
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
 
@@ -130,13 +130,27 @@ def test_stream_experiment_compiles(tmp_path):
         assert ("LDS" in functions[kernel]) == (kernel == "stream_table") and "HMMA" not in functions[kernel]
 
 
+def test_wide_ranges_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_wide_ranges.py's variants (16 / 32 rows, K ranges) compile for sm_90
+    with no local memory, and its sweep only proposes geometries the kernel's warps can hold."""
+    ranges = load("nf4_wide_ranges")
+    wide = load("nf4_wide")
+    usage, _ = compiled(wide.source(ranges.V), "sm_90", tmp_path)
+    assert all(wide.name(v) in usage for v in ranges.V) and usage.count("LOCAL:0") == usage.count("Function "), usage
+    for v in ranges.V:
+        _, ng, _, warps = v
+        for tile, split, slices in ranges.configs(v, 384, 64, 132):
+            assert tile <= warps * ng and -(-tile // ng) * slices <= warps and 64 // split // slices >= 2
+
+
 def test_bulk_experiment_compiles(tmp_path):
     """bench/experiments/nf4_bulk.py (the package kernel with a TMA-filled weight ring) compiles for
     sm_90a with no local memory, issues bulk copies (UBLKCP) and waits on mbarriers, and its shared
     memory fits the 227 KB a block may have where the window starts at 1 KB."""
     bulk = load("nf4_bulk")
     usage, sass = compiled(bulk.source(), "sm_90a", tmp_path)
-    assert usage.count("LOCAL:0") == len(bulk.VARIANTS) + 3, usage
+    assert all(f"Function {bulk.name(v)}:" in usage for v in bulk.VARIANTS), usage
+    assert usage.count("LOCAL:0") == usage.count("Function "), usage
     assert "UBLKCP" in sass and "SYNCS.PHASECHK" in sass
     assert all(bulk.shared_bytes(v, 1024) <= 227 * 1024 for v in bulk.VARIANTS)
 

@@ -279,15 +279,19 @@ def test_cuda_geometry_rule():
     chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
     assert chosen == {"qkv": (4, 1, 8), "o": (2, 1, 16), "gate_up": (14, 1, 2), "down": (2, 1, 16)}
+    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=1) for name, k, n in [  # the 32-row kernel's
+        ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
+    assert chosen == {"qkv": (4, 1, 4), "o": (2, 1, 8), "gate_up": (14, 1, 1), "down": (2, 1, 8)}
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
                       (4096, 4096, 114), (960, 576, 40)]:
-        tile, split, slices = matmul_geometry(n, k, sms)
-        assert 2 <= tile <= WARPS * GROUPS_PER_WARP and tile % 2 == 0
-        assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
-        assert 1 <= slices and tile // GROUPS_PER_WARP * slices <= WARPS
-        assert slices == 1 or k // 64 // split // slices >= 4
-        if -(-(n // 16) // (WARPS * GROUPS_PER_WARP)) <= sms:
-            assert -(-(n // 16) // tile) * split <= sms
+        for groups_per_warp in (GROUPS_PER_WARP, 1):
+            tile, split, slices = matmul_geometry(n, k, sms, groups_per_warp=groups_per_warp)
+            assert 2 <= tile <= WARPS * groups_per_warp and tile % 2 == 0
+            assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
+            assert 1 <= slices and -(-tile // groups_per_warp) * slices <= WARPS
+            assert slices == 1 or k // 64 // split // slices >= 4
+            if -(-(n // 16) // (WARPS * groups_per_warp)) <= sms:
+                assert -(-(n // 16) // tile) * split <= sms
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
@@ -306,16 +310,34 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    assert "nf4_matmul" in usage and "nf4_dequantize" in usage and "smem_base" in usage
-    assert len(re.findall(r"LOCAL:0\b", usage)) == 3 and "STACK:0" in usage, usage
+    names = [name for name, _, _ in nf4_cuda.INSTANCES.values()]
+    assert all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
+    assert len(re.findall(r"LOCAL:0\b", usage)) == len(names) + 2 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    matmul = sass[sass.index("Function : nf4_matmul"):]
-    matmul = matmul[:matmul.index("Function :", 1)] if "Function :" in matmul[1:] else matmul
-    # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
-    assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
-    assert len(re.findall(r"\bLDS\b", matmul)) >= 16
-    # programmatic dependent launch on sm90 (griddepcontrol.wait / .launch_dependents), nothing on older cards
-    assert ("ACQBULK" in matmul and "PREEXIT" in matmul) == (arch == "sm_90")
+    functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+    for name in names:
+        matmul = functions[name]
+        # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
+        assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
+        assert len(re.findall(r"\bLDS\b", matmul)) >= 16
+        # programmatic dependent launch on sm90 (griddepcontrol.wait / .launch_dependents), nothing on older cards
+        assert ("ACQBULK" in matmul and "PREEXIT" in matmul) == (arch == "sm_90")
+
+
+def test_cuda_rows_setting(monkeypatch):
+    """Engines of at most 8 slots take the CUDA NF4 kernel unless MISTRAL_T4_NF4_CUDA_ROWS says
+    otherwise (1..32); anything else is a clear error, not a silent default."""
+    from mistral_t4.kernels import NF4_CUDA_ROWS_ENV, cuda_rows, nf4_cuda
+
+    monkeypatch.delenv(NF4_CUDA_ROWS_ENV, raising=False)
+    assert cuda_rows() == nf4_cuda.ENGINE_ROWS == 8
+    for value, rows in [("32", 32), ("16", 16), (" 1", 1)]:
+        monkeypatch.setenv(NF4_CUDA_ROWS_ENV, value)
+        assert cuda_rows() == rows
+    for value in ["0", "33", "eight", "-4", ""]:
+        monkeypatch.setenv(NF4_CUDA_ROWS_ENV, value)
+        with pytest.raises(ValueError, match="MISTRAL_T4_NF4_CUDA_ROWS"):
+            cuda_rows()
 
 
 def test_cuda_launch_config_layout():
@@ -366,9 +388,9 @@ def test_cuda_table_address_is_one_prmt(window_start):
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
-def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, window_start=1024):
-    """nf4_cuda's nf4_matmul (the package instance: 1 column tile, GROUPS_PER_WARP groups per warp,
-    WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
+def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, rows=8, window_start=1024):
+    """nf4_cuda's kernel for `rows` rows (`INSTANCES[rows]`: its column tiles of 8 rows and row
+    groups per warp, WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
     column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
@@ -376,8 +398,10 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     in fp64 (the tensor core's order differs)."""
     from mistral_t4.kernels import nf4_cuda
 
-    warps, groups_per_warp = nf4_cuda.WARPS, nf4_cuda.GROUPS_PER_WARP
+    _, column_tiles, groups_per_warp = nf4_cuda.INSTANCES[rows]
+    warps = nf4_cuda.WARPS
     m, k = x.shape
+    assert m <= rows
     n = fragments.shape[0]
     nb, n_groups = k // 64, n // 16
     words = fragments.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(n_groups, nb, 32, 4)
@@ -423,30 +447,34 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                 g0 = first + (warp - s * per_slice) * groups_per_warp if s < slices else end
                 r0 = min(kb0 + s * in_slice, kb1) if slices > 1 else kb0
                 r1 = min(r0 + in_slice, kb1) if slices > 1 else kb1
-                acc = np.zeros((groups_per_warp, 32, 4))
+                acc = np.zeros((groups_per_warp, column_tiles, 32, 4))
                 if g0 < end:
-                    rows = np.minimum(g, m - 1)  # lane row g of the B tile, clamped to M - 1
                     for b in range(r0, r1):
-                        xv = np.stack([xh[rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)])
+                        xv = []  # per column tile: lane row g of the B tile is x's row 8 nt + g, clamped to M - 1
+                        for nt in range(column_tiles):
+                            x_rows = np.minimum(8 * nt + g, m - 1)
+                            xv.append(np.stack([xh[x_rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)]))
                         for q in range(groups_per_warp):
                             gq = min(g0 + q, end - 1)
-                            block = np.zeros((32, 4))
+                            block = np.zeros((column_tiles, 32, 4))
                             for t in range(4):
                                 a = [lds(prmt_lanes(words[gq, b, :, t], selectors[j])) for j in range(4)]
                                 A = np.zeros((16, 16))
-                                B = np.zeros((16, 8))
                                 for l in range(32):
                                     A[g[l], 2 * c[l]:2 * c[l] + 2] = a[0][l]
                                     A[g[l] + 8, 2 * c[l]:2 * c[l] + 2] = a[1][l]
                                     A[g[l], 2 * c[l] + 8:2 * c[l] + 10] = a[2][l]
                                     A[g[l] + 8, 2 * c[l] + 8:2 * c[l] + 10] = a[3][l]
-                                    # b0 = word (2t) & 3 of x's 16-byte load t >> 1, b1 = the next word
-                                    B[2 * c[l]:2 * c[l] + 2, g[l]] = xv[l, 8 * (t >> 1) + 2 * ((2 * t) & 3):][:2]
-                                    B[2 * c[l] + 8:2 * c[l] + 10, g[l]] = xv[l, 8 * (t >> 1) + 2 * ((2 * t + 1) & 3):][:2]
-                                D = A @ B
-                                for l in range(32):
-                                    block[l] += [D[g[l], 2 * c[l]], D[g[l], 2 * c[l] + 1],
-                                                 D[g[l] + 8, 2 * c[l]], D[g[l] + 8, 2 * c[l] + 1]]
+                                for nt in range(column_tiles):
+                                    B = np.zeros((16, 8))
+                                    for l in range(32):
+                                        # b0 = word (2t) & 3 of x's 16-byte load t >> 1, b1 = the next word
+                                        B[2 * c[l]:2 * c[l] + 2, g[l]] = xv[nt][l, 8 * (t >> 1) + 2 * ((2 * t) & 3):][:2]
+                                        B[2 * c[l] + 8:2 * c[l] + 10, g[l]] = xv[nt][l, 8 * (t >> 1) + 2 * ((2 * t + 1) & 3):][:2]
+                                    D = A @ B
+                                    for l in range(32):
+                                        block[nt, l] += [D[g[l], 2 * c[l]], D[g[l], 2 * c[l] + 1],
+                                                         D[g[l] + 8, 2 * c[l]], D[g[l] + 8, 2 * c[l] + 1]]
                             pair = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
                             acc[q] += block * np.repeat(pair, 2, axis=1)
                 sums[warp] = (s, g0, acc)
@@ -458,11 +486,12 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                 for q in range(groups_per_warp):
                     if g0 + q >= end:
                         break
-                    for i in range(4):
-                        mm, nn = 2 * c + (i & 1), (g0 + q) * 16 + g + 8 * (i >> 1)
-                        keep = mm < m
-                        target = out if split_k == 1 else partial[by]
-                        target[mm[keep], nn[keep]] = acc[q][keep, i]
+                    for nt in range(column_tiles):
+                        for i in range(4):
+                            mm, nn = 8 * nt + 2 * c + (i & 1), (g0 + q) * 16 + g + 8 * (i >> 1)
+                            keep = mm < m
+                            target = out if split_k == 1 else partial[by]
+                            target[mm[keep], nn[keep]] = acc[q, nt][keep, i]
     if split_k > 1:
         out = np.zeros((m, n))
         for by in range(split_k):  # the last CTA's sum, in split order
@@ -470,11 +499,12 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     return out
 
 
-@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices", [
-    (48, 192, 1, 1, 32, 1), (48, 576, 3, 2, 2, 1), (1040, 192, 8, 3, 32, 1), (560, 320, 5, 4, 17, 1),
-    (1040, 128, 2, 1, 22, 1), (96, 1024, 1, 1, 2, 16), (208, 960, 4, 2, 6, 5), (96, 448, 7, 1, 10, 3),
-    (48, 320, 8, 1, 4, 8)])
-def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices):
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, rows", [
+    (48, 192, 1, 1, 32, 1, 8), (48, 576, 3, 2, 2, 1, 8), (1040, 192, 8, 3, 32, 1, 8), (560, 320, 5, 4, 17, 1, 8),
+    (1040, 128, 2, 1, 22, 1, 8), (96, 1024, 1, 1, 2, 16, 8), (208, 960, 4, 2, 6, 5, 8), (96, 448, 7, 1, 10, 3, 8),
+    (48, 320, 8, 1, 4, 8, 8), (208, 512, 13, 1, 6, 5, 16), (96, 384, 16, 2, 4, 8, 16), (112, 448, 32, 1, 4, 4, 32),
+    (208, 320, 27, 2, 6, 2, 32), (48, 256, 9, 1, 16, 1, 32)])
+def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, rows):
     """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
     (groups past a tile's end, tiles that leave warps half busy or idle, uneven and empty splits,
     K ranges per CTA: 16 of 1 group pair, 5 with an idle warp, uneven and empty ranges, M < 8),
@@ -484,7 +514,7 @@ def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices):
     w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     assert w.backend == "cuda"
     x = torch.randn(m, k, dtype=torch.float16)
-    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, rows)
     ref = nf4_linear_reference(x.double(), w).numpy()
     assert not np.isnan(got).any(), "an output the kernel never writes"
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -10,7 +10,8 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  tensor cores and no asynchronous copies to pipeline loads
                                  (both kernels compile there, untested on a T4)
     sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 8 rows per
-                                 step (`decode_rows`: the chat), nf4_linear in CUDA
+                                 step (`decode_rows`: the chat; MISTRAL_T4_NF4_CUDA_ROWS
+                                 raises it up to 32), nf4_linear in CUDA
                                  (nf4_cuda.py, compiled by NVRTC) when it compiles there
                                  and a block may have the shared memory of its table
                                  (127 KB where the window starts at 1 KB, as on the
@@ -45,10 +46,11 @@ __all__ = [
 
 REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
 NF4_CUDA_ENV = "MISTRAL_T4_NF4_CUDA"
+NF4_CUDA_ROWS_ENV = "MISTRAL_T4_NF4_CUDA_ROWS"
 
 _DESCRIPTIONS = {
     ("nf4_linear", "triton"): "Triton NF4 GEMM, dequantized in registers",
-    ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 8 rows, table in shared memory, NVRTC",
+    ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 32 rows, table in shared memory, NVRTC",
     ("nf4_linear", "bnb"): "bitsandbytes gemm_4bit",
     ("nf4_linear", "reference"): "dequantize + F.linear",
     ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only",
@@ -60,7 +62,7 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
     """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}.
 
     `decode_rows`: rows of a decode step (the engine's slots), when known; at most
-    `nf4_cuda.MAX_ROWS` selects the CUDA NF4 kernel on sm80+ (it compiles it to check).
+    `cuda_rows()` selects the CUDA NF4 kernel on sm80+ (it compiles it to check).
     """
     device = torch.device(device)
     if force_reference is None:
@@ -71,11 +73,26 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
     if torch.cuda.get_device_capability(device) >= (8, 0) and has_triton:
         from . import nf4_cuda
 
-        small = decode_rows is not None and decode_rows <= nf4_cuda.MAX_ROWS
+        small = decode_rows is not None and decode_rows <= cuda_rows()
         if small and os.environ.get(NF4_CUDA_ENV, "1") != "0" and nf4_cuda.available(device):
             return {"nf4_linear": "cuda", "decode_attention": "triton"}
         return {"nf4_linear": "triton", "decode_attention": "triton"}
     return {"nf4_linear": "bnb", "decode_attention": "reference"}
+
+
+def cuda_rows() -> int:
+    """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (8),
+    or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS). Above 8 rows it beats the Triton kernel
+    per matmul (H200: per layer 76.5 vs 116.1 us at 16 rows, 116.8 vs 136.0 at 32,
+    bench/experiments/nf4_wide_ranges.py); whole-engine runs there are still to measure."""
+    from . import nf4_cuda
+
+    value = os.environ.get(NF4_CUDA_ROWS_ENV)
+    if value is None:
+        return nf4_cuda.ENGINE_ROWS
+    if not value.strip().isdigit() or not 1 <= int(value) <= nf4_cuda.MAX_ROWS:
+        raise ValueError(f"{NF4_CUDA_ROWS_ENV}={value!r}: expected a number of rows from 1 to {nf4_cuda.MAX_ROWS}")
+    return int(value)
 
 
 def describe(choice: dict[str, str]) -> str:

@@ -1,8 +1,10 @@
 """CUDA kernels for NF4 weights at a few rows (sm80+): compiled at run time by NVRTC.
 
 Reference: `nf4.py`. Used by the "cuda" backend, which `kernels.select_kernels` picks on
-sm80+ when an engine decodes at most `MAX_ROWS` rows per step (the chat, the interactive
-mode); larger batches keep the Triton kernel, which wins from 16 rows up.
+sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (8 by default: the
+chat, the interactive mode; larger engines keep the Triton kernel until whole-engine runs
+show the gain). Kernels for 8, 16 and 32 rows (`INSTANCES`: 1, 2, 4 column tiles of 8 rows);
+with K ranges per CTA they beat the Triton kernel at every size up to 32 rows.
 
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
@@ -18,10 +20,11 @@ the result is already a tensor-core register:
     127 KB (`table_shared_bytes`, probed at load) and an SM holds one: 16 warps share it;
     cards that give a block less (sm86/sm89: 99 KB) keep the Triton kernel (`available`);
   * `mma.sync.m16n8k16` with the table values as operand A straight from those registers, x
-    as operand B (one column tile of 8 rows: M <= 8); a 64-weight block shares one absmax per
+    as operand B (1, 2 or 4 column tiles of 8 rows); a 64-weight block shares one absmax per
     row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
     accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
-  * each warp owns 2 groups of 16 weight rows (sharing x's fragments), with a ring of 4
+  * each warp owns 2 groups of 16 weight rows (1 in the 32-row kernel, for registers),
+    sharing x's fragments, with a ring of 4
     blocks of 128-bit weight loads that skip L1, refilled as each block is used;
   * the ring's first loads go out before the table is built, so the table waits under them;
   * K cut into ranges among a CTA's warps (`slices`: a CTA of 2 row groups has 16 warps each
@@ -32,16 +35,18 @@ the result is already a tensor-core register:
     CTA (2-32, a runtime argument), the split and the ranges so that one wave fills the SMs
     (on 132 SMs: o and down 128 CTAs of 2 groups x 16 ranges, gate_up 128 of 14 x 2, qkv 96
     of 4 x 8) with no partial sums through global memory.
-`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps);
-bench/experiments/nf4_wide.py instantiates others from this source to tune it.
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps); the
+package's instances are `INSTANCES`; bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
 address, a 32 KB table, 4 warps per CTA) and 109 us for the Triton kernel; at 8 rows 88-90 / 96
-/ 114; from 16 rows up the Triton kernel wins (each warp reloads x for every 32 weight rows).
+/ 114; at 16 / 32 rows the Triton kernel won then (each warp reloads x for every 16-32 weight
+rows, and split-K partials grow with the rows).
 8 layers of decode-step matmuls in one graph at 1 row: 0.52 ms, 1.88 TB/s of NF4 (Triton:
 0.84 ms); batch-1 decode 3.30 -> 2.71 ms per token (bench/results/h200_2026-11-26_s5_prmt_table/).
 K ranges per CTA instead of split-K across CTAs (bench/experiments/nf4_ranges.py): per layer at
-8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9. What is left at 1 row is mostly the stream itself:
+8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9; at 16 rows 76.5 us and at 32 rows 116.8 (1 group per
+warp) against Triton's 116.1 / 136.0 (nf4_wide_ranges.py). What is left at 1 row is mostly the stream itself:
 the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
@@ -70,9 +75,13 @@ import torch
 
 BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
 GROUP = 16  # weight rows per MMA tile
-MAX_ROWS = 8  # rows of x per call (one 8-wide MMA column tile)
-WARPS, GROUPS_PER_WARP = 16, 2  # nf4_matmul's CTA: 16 warps x 2 row groups, at most 512 weight rows
-REDUCE_BYTES = WARPS * GROUPS_PER_WARP * 512  # shared memory for the sums of a CTA's K ranges (slices > 1)
+WARPS = 16  # warps per CTA (one CTA per SM)
+# rows of x per call -> (kernel, column tiles of 8 rows, row groups of 16 weight rows per warp)
+INSTANCES = {8: ("nf4_matmul", 1, 2), 16: ("nf4_matmul16", 2, 2), 32: ("nf4_matmul32", 4, 1)}
+MAX_ROWS = max(INSTANCES)
+GROUPS_PER_WARP = INSTANCES[8][2]  # the 8-row kernel's (the experiments build on it)
+REDUCE_BYTES = max(WARPS * ng * nt * 512 for _, nt, ng in INSTANCES.values())  # sums of a CTA's K ranges
+ENGINE_ROWS = 8  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: up to MAX_ROWS)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -407,8 +416,8 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 # ---------------------------------------------------------------- layout (any device, plain PyTorch)
 
 
-# the package's instance: one column tile, GROUPS_PER_WARP row groups per warp, a ring of 4 blocks, WARPS warps
-SOURCE += f"NF4_MATMUL(nf4_matmul, 1, {GROUPS_PER_WARP}, 4, {WARPS})\n"
+# the package's instances: column tiles, row groups per warp, a ring of 4 blocks, WARPS warps
+SOURCE += "".join(f"NF4_MATMUL({name}, {nt}, {ng}, 4, {WARPS})\n" for name, nt, ng in INSTANCES.values())
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -445,10 +454,11 @@ CTA_COST, SPLIT_COST = 135, 70  # in row-group blocks: a CTA's fixed cost; a spl
 
 
 @functools.cache  # every call of nf4_matmul asks; a search over ~100 candidates each time in eager decode
-def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True) -> tuple[int, int, int]:
+def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
+                    groups_per_warp: int = GROUPS_PER_WARP) -> tuple[int, int, int]:
     """(row groups per CTA, split-K across CTAs, K ranges per CTA) for nf4_matmul.
 
-    A CTA of T row groups keeps T / GROUPS_PER_WARP warps per K range, so its warps cut its K
+    A CTA of T row groups keeps T / groups_per_warp warps per K range, so its warps cut its K
     blocks into as many ranges as they make (at least 4 blocks each) and add the ranges' sums in
     shared memory; a split across CTAs writes partial sums to global memory, which the last CTA
     of a tile adds. One CTA fills an SM (127 KB of shared memory), so a grid runs in
@@ -457,15 +467,17 @@ def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True) -> tuple
     H200 at 1 row (bench/experiments/nf4_wide.py's geometry sweep: 0.029 us per group-block,
     ~3.9 us per CTA, ~2 us for a split). Over even T and power-of-two splits of >= 4 K blocks
     each, the least cost; ties go to the smaller split, then more groups per CTA. On 132 SMs:
-    qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2).
+    qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2); with 1 group per warp
+    (the 32-row kernel) qkv (4, 1, 4), o and down (2, 1, 8), gate_up (14, 1, 1), which a sweep
+    at 32 rows found best too (bench/experiments/nf4_wide_ranges.py).
     `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
-    for tile in range(2 if ranges else WARPS, WARPS * GROUPS_PER_WARP + 1, 2):
+    for tile in range(2 if ranges else WARPS, WARPS * groups_per_warp + 1, 2):
         split = 1
         while True:
             per_split = -(-blocks // split)
-            slices = max(1, min(WARPS // (tile // GROUPS_PER_WARP), per_split // 4)) if ranges else 1
+            slices = max(1, min(WARPS // -(-tile // groups_per_warp), per_split // 4)) if ranges else 1
             waves = -(-(-(-groups // tile) * split) // sm_count)
             cost = waves * (min(tile, groups) * slices * -(-per_split // slices) + CTA_COST) + (split > 1) * SPLIT_COST
             key = (cost, split, -tile)
@@ -602,12 +614,17 @@ _LOCK = threading.Lock()
 @functools.cache
 def _module_cached(index: int) -> _Module:
     module = _Module(torch.device("cuda", index))
-    for name in ("nf4_matmul", "nf4_dequantize"):  # looked up now, not during a CUDA-graph capture
+    for name in [name for name, _, _ in INSTANCES.values()] + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
-    below = module.table_shared - 65536  # the window's bytes below the table: the K ranges' sums go there if they fit
-    module.shared = module.table_shared + (0 if below >= REDUCE_BYTES else REDUCE_BYTES)
+    module.shared = matmul_shared_bytes(module.table_shared)
     return module
+
+
+def matmul_shared_bytes(table_shared: int) -> int:
+    """Dynamic shared memory of the matmul kernels: the table's, and the K ranges' sums after it
+    unless they fit in the window below it (they do on sm90: 63 KB)."""
+    return table_shared + (0 if table_shared - 65536 >= REDUCE_BYTES else REDUCE_BYTES)
 
 
 def table_shared_bytes(module: _Module) -> int:
@@ -644,7 +661,8 @@ def available(device) -> bool:
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
                early: bool = False) -> torch.Tensor:
-    """x (M <= 8, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4 table.
+    """x (M <= MAX_ROWS, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4
+    table. The kernel of the fewest rows >= M (`INSTANCES`).
     `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py)."""
     m, k = x.shape
     n = fragments.shape[0]
@@ -659,16 +677,17 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    tile_groups, split, slices = matmul_geometry(n, k, multiprocessor_count(x.device))
+    name, _, groups_per_warp = INSTANCES[min(rows for rows in INSTANCES if rows >= m)]
+    tile_groups, split, slices = matmul_geometry(n, k, multiprocessor_count(x.device), groups_per_warp=groups_per_warp)
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
-        tile_groups, split, slices = WARPS * GROUPS_PER_WARP, split_k, 1
+        tile_groups, split, slices = WARPS * groups_per_warp, split_k, 1
     split_k = split
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-(n // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
-    kernels.launch("nf4_matmul", grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                    m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
-                                                    slices], shared=kernels.shared, early=early)
+    kernels.launch(name, grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
+                                            m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
+                   shared=kernels.shared, early=early)
     return out
 
 
