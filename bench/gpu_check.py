@@ -26,7 +26,7 @@ from mistral_t4.requests import Request
 from mistral_t4.workload import make_prompts
 
 
-ENGINE_ROWS = 4  # slots of the engines checked here (the CUDA NF4 kernel serves up to 8 on sm80+)
+ENGINE_ROWS = 4  # slots of the engines checked here, by default (the CUDA NF4 kernel serves up to 8 on sm80+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,15 +110,17 @@ def main() -> None:
     parser.add_argument("--quants", default="fp16,nf4")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default="out")
+    parser.add_argument("--rows", type=int, default=ENGINE_ROWS,
+                        help="the engines' slots (with MISTRAL_T4_NF4_CUDA_ROWS=32, --rows 32 checks the 32-row kernel)")
     args = parser.parse_args()
     device = devices.pick_device("cuda")
-    results = {"system": devices.describe(device), "model": args.model, "quants": {}}
+    results = {"system": devices.describe(device), "model": args.model, "rows": args.rows, "quants": {}}
     for quant in args.quants.split(","):
         model, tokenizer = loading.load(args.model, quant=quant, device=device)
         hf = loading.base_model(model)
         prompts = [p[:n] for p, n in zip(make_prompts(tokenizer, 4, 128), (128, 77, 100, 33))]
         entry = {}
-        fast_choice = kernels.select_kernels(device, decode_rows=ENGINE_ROWS)
+        fast_choice = kernels.select_kernels(device, decode_rows=args.rows)
         variants = [("fast", fast_choice), ("reference", kernels.select_kernels(device, True))]
         if quant == "nf4":
             if fast_choice["nf4_linear"] != "triton":  # the NF4 kernel of larger batches, at this batch
@@ -128,7 +130,7 @@ def main() -> None:
         for label, choice in variants:
             force = label == "reference"
             fast = FastMistral.from_hf(model, choice)
-            engine = Engine(fast, tokenizer, max_batch=ENGINE_ROWS, max_len=256, compile=not force)
+            engine = Engine(fast, tokenizer, max_batch=args.rows, max_len=256, compile=not force)
             compile_s = engine.warmup()
             item = {"kernels": choice, "compile_s": round(compile_s, 1),
                     "teacher_forced": teacher_forced(hf, fast, engine, prompts[0], args.steps),
