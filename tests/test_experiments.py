@@ -130,11 +130,16 @@ def test_stream_experiment_compiles(tmp_path):
         assert ("LDS" in functions[kernel]) == (kernel == "stream_table") and "HMMA" not in functions[kernel]
 
 
-def test_wide_ranges_experiment_compiles(tmp_path):
-    """bench/experiments/nf4_wide_ranges.py's variants (16 / 32 rows, K ranges) compile for sm_90
-    with no local memory, and its sweep only proposes geometries the kernel's warps can hold."""
-    ranges = load("nf4_wide_ranges")
+def test_ranges_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_ranges.py's variants (1 to 32 rows, K ranges) compile for sm_90 with
+    no local memory, the first is the package's 8-row kernel, and its sweep only proposes
+    geometries the kernel's warps can hold."""
+    ranges = load("nf4_ranges")
     wide = load("nf4_wide")
+    from mistral_t4.kernels import nf4_cuda
+
+    _, nt, ng = nf4_cuda.INSTANCES[8]
+    assert ranges.V[0] == (nt, ng, 4, nf4_cuda.WARPS)
     usage, _ = compiled(wide.source(ranges.V), "sm_90", tmp_path)
     assert all(wide.name(v) in usage for v in ranges.V) and usage.count("LOCAL:0") == usage.count("Function "), usage
     for v in ranges.V:

@@ -1,22 +1,31 @@
-"""Experiment: the batch-1 CUDA kernel with K ranges per CTA, against a previous version of it.
+"""Experiment: the CUDA NF4 kernel with K ranges per CTA, 1 to 32 rows, against Triton and an older version.
 
     python bench/experiments/nf4_ranges.py [--previous OLD/nf4_cuda.py]   # sm80+; writes $OUT/nf4_ranges.json
 
 The package's kernel (`mistral_t4.kernels.nf4_cuda`) lets a CTA's warps cut its K blocks into
 ranges (`slices`) whose sums meet in shared memory, instead of splitting K across CTAs whose
 partial sums go through global memory to the last CTA of a tile; and it sends the ring's first
-weight loads before building its table. This script checks the kernel on odd shapes, tiles,
-splits and ranges, then times every decode shape at 1 and 8 rows under the package's rule
-(`matmul_geometry`) and over a sweep of (groups per CTA, split, ranges), beside the kernel of
-`--previous` (another version's nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule.
+weight loads before building its table. This script instantiates the kernel's template for V
+(the package's 8-row kernel and variants for 16 / 32 rows, as nf4_wide.py), checks them on odd
+shapes, tiles, splits and ranges, then times every decode shape at 1, 8, 16 and 32 rows: the
+package's `nf4_matmul` (its `INSTANCES` and `matmul_geometry`), a sweep of (groups per CTA,
+split, ranges) per variant, the Triton kernel, and at <= 8 rows the kernel of `--previous`
+(another version's nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule.
 
-Results (H200, CUDA-graph replay with L2 flushed), nf4_ranges_h200_2026-11-26.json (written by
-this script's first version, whose keys call the previous kernel "head": 841fbb9's, one K range
-per CTA): per layer at 8 rows 86.6 -> 68.7 us (o 14.6 -> 8.3,
-qkv 15.0 -> 11.2, gate_up 34.4 -> 30.7, down 22.6 -> 18.5), at 1 row 65.7 -> 64.9; the rule's
-choice is the sweep's best or within 2% per shape. Batch-1 decode did not change (2.674 /
-2.677 ms/token before, 2.672 after); 8 requests x 128 -> 128 tokens: 3.22 -> 2.76 ms per step,
-2,144 -> 2,500 output tokens/s (bench/results/h200_2026-11-26_s6_ranges/).
+Results (H200, CUDA-graph replay with L2 flushed; JSONs written by this script's first two
+versions, which timed 1 / 8 rows and 16 / 32 rows apart; this merged version has not run on a
+GPU yet, its compile test is in tests/test_experiments.py):
+  * nf4_ranges_h200_2026-11-26.json (previous = 841fbb9's kernel, one K range per CTA, keyed
+    "head"): per layer at 8 rows 86.6 -> 68.7 us (o 14.6 -> 8.3, qkv 15.0 -> 11.2, gate_up
+    34.4 -> 30.7, down 22.6 -> 18.5), at 1 row 65.7 -> 64.9; the rule's choice is the sweep's
+    best or within 2% per shape. Batch-1 decode did not change (2.674 / 2.677 ms/token before,
+    2.672 after); 8 requests x 128 -> 128 tokens: 3.22 -> 2.76 ms per step, 2,144 -> 2,500
+    output tokens/s (bench/results/h200_2026-11-26_s6_ranges/).
+  * nf4_wide_ranges_h200_2026-11-26.json (before the package had its 16- and 32-row kernels):
+    per layer at 16 rows 76.5 us for (2, 2, 4, 16) against Triton's 116.1; at 32 rows 116.8 for
+    (4, 1, 4, 16) / (4, 2, 4, 8) against 136.0 (q/o 12.2 vs 16.8, qkv 18.7 vs 19.4, gate_up 57.8
+    vs 63.3, down 28.1 vs 36.4). The package took (2, 2, 4, 16) and (4, 1, 4, 16); its rule
+    picks the sweep's best geometry per shape for both.
 """
 import argparse
 import importlib.util
@@ -27,18 +36,39 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# (column tiles, groups per warp, ring, warps), as nf4_wide.py: the package's 8-row kernel first
+V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8)]
+ROWS = (1, 8, 16, 32)
+
+
+def configs(v, groups, blocks, sms):
+    """(groups per CTA, split, K ranges) worth timing for variant v: half a wave to two waves."""
+    _, ng, _, warps = v
+    for tile in range(2, warps * ng + 1, 2):
+        for split in (1, 2, 4, 8, 16):
+            ctas = -(-groups // tile) * split
+            if blocks < 4 * split or not sms // 2 <= ctas <= 2 * sms:
+                continue
+            most = warps // -(-tile // ng)
+            for slices in sorted({1, most, max(1, most // 2)}):
+                if blocks // split // slices >= 2:
+                    yield tile, split, slices
+
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel")
+    parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel (<= 8 rows)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.path.insert(0, HERE)
+    import nf4_wide
     from gpu_kernels import DECODE_SHAPES, MISTRAL_SHAPES, check_matmul, random_param, timer, write_record
 
-    from mistral_t4.kernels import NF4Weight, multiprocessor_count, nf4_cuda
+    from mistral_t4.kernels import NF4Weight, multiprocessor_count, nf4_cuda, nf4_triton
 
     dev = torch.device("cuda")
-    mod = nf4_cuda.module(dev)
+    mod = nf4_cuda._Module(dev, nf4_wide.source(V))
+    shared = nf4_cuda.matmul_shared_bytes(nf4_cuda.table_shared_bytes(mod))
     sms = multiprocessor_count(dev)
     time_ms = timer(dev)
     previous = None
@@ -49,72 +79,76 @@ def main():
         previous.mod = previous._Module(dev, previous.SOURCE)
         previous.shared = previous.table_shared_bytes(previous.mod)
 
-    def launch(kernels, shared, x, w, tile, split, extra, out=None):
+    def launch(kernels, name, warps, shared_bytes, x, w, tile, split, extra, out=None):
         m, k = x.shape
         n = w.packed.shape[0]
         out = torch.empty((m, n), dtype=torch.float16, device=dev) if out is None else out
         partial = torch.empty((split, m, n), dtype=torch.float32, device=dev) if split > 1 else out
-        kernels.launch("nf4_matmul", (-(-(n // 16) // tile), split), 32 * nf4_cuda.WARPS,
+        kernels.launch(name, (-(-(n // 16) // tile), split), 32 * warps,
                        [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
-                        out.stride(0), split, tile] + extra, shared=shared)
+                        out.stride(0), split, tile] + extra, shared=shared_bytes)
         return out
 
-    def run(x, w, tile, split, slices, out=None):
-        return launch(mod, mod.shared, x, w, tile, split, [slices], out)
+    def run(x, w, v, tile, split, slices, out=None):
+        return launch(mod, nf4_wide.name(v), v[3], shared, x, w, tile, split, [slices], out)
 
-    def run_previous(x, w):  # the previous version's rule: (groups per CTA, split)
+    def run_previous(x, w):  # the previous version's kernel (one K range per CTA) under its rule
         tile, split = previous.matmul_geometry(w.packed.shape[0], x.shape[1], sms)[:2]
-        return launch(previous.mod, previous.shared, x, w, tile, split, [])
+        return launch(previous.mod, "nf4_matmul", 16, previous.shared, x, w, tile, split, [])
 
     failures = 0
     for n, k in [(96, 320), (48, 192), (1008, 4096), (4096, 14336), (6144, 4096)]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         ref_w = w.dequantize(torch.float32)
-        for m in (1, 5, 8):
+        for m in (1, 5, 8, 13, 32):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ ref_w.T
-            for tile, split, slices in [(2, 1, 16), (6, 2, 5), (14, 1, 2), (32, 1, 1), (4, 3, 8), (10, 1, 3), (12, 4, 2),
-                                        (2, 1, 7)]:
-                out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                run(x, w, tile, split, slices, out)
-                failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} {tile},{split},{slices}")
+            for v in V:
+                if m > 8 * v[0]:
+                    continue
+                ng, warps = v[1], v[3]
+                for tile, split, slices in [(2 * ng, 1, 16), (3 * ng, 2, 5), (ng * warps, 1, 1), (2 * ng, 3, 16),
+                                            (5 * ng, 1, 3)]:
+                    slices = min(slices, warps // -(-tile // ng))  # as many ranges as the warps hold
+                    out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
+                    run(x, w, v, tile, split, slices, out)
+                    failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} {v} {tile},{split},{slices}")
             out = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
             failures += check_matmul(out, ref, w.tile_counters, f"package n={n} k={k} m={m}")
     print("failures", failures, flush=True)
     results, per_layer = [], {}
     for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
-        groups, blocks = n // 16, k // 64
-        for m in (1, 8):
+        wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
+        for m in ROWS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            row = dict(shape=name, m=m, rule=nf4_cuda.matmul_geometry(n, k, sms))
-            if previous:
-                row["previous_rule"] = previous.matmul_geometry(n, k, sms)
-                row["previous_ms"] = time_ms(lambda: run_previous(x, w))
+            row = dict(shape=name, m=m, rule=nf4_cuda.matmul_geometry(
+                n, k, sms, groups_per_warp=nf4_cuda.INSTANCES[min(r for r in nf4_cuda.INSTANCES if r >= m)][2]))
+            row["triton_ms"] = time_ms(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16,
+                                                                     wt.tile_counters, 64))
             row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters))
+            if previous and m <= 8:
+                row["previous_ms"] = time_ms(lambda: run_previous(x, w))
             sweep = []
-            for tile in (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32):
-                for split in (1, 2, 4, 8, 16):
-                    ctas = -(-groups // tile) * split
-                    if blocks < 4 * split or not sms // 2 <= ctas <= 2 * sms:
-                        continue
-                    most = nf4_cuda.WARPS // (tile // nf4_cuda.GROUPS_PER_WARP)
-                    for slices in sorted({1, most, max(1, most // 2)}):
-                        sweep.append(dict(tile=tile, split=split, slices=slices,
-                                          ms=time_ms(lambda: run(x, w, tile, split, slices))))
+            for v in V:
+                if nf4_wide.column_tiles(m) != v[0]:
+                    continue
+                for tile, split, slices in configs(v, n // 16, k // 64, sms):
+                    sweep.append(dict(v=v, tile=tile, split=split, slices=slices,
+                                      ms=time_ms(lambda: run(x, w, v, tile, split, slices))))
             sweep.sort(key=lambda r: r["ms"])
             row["sweep"] = sweep
             results.append(row)
-            t = per_layer.setdefault(m, dict(previous=0.0, package=0.0, best=0.0))
-            t["previous"] += row.get("previous_ms", 0.0)
-            t["package"] += row["package_ms"]
+            t = per_layer.setdefault(m, dict(triton=0.0, package=0.0, previous=0.0, best=0.0))
+            for key in ("triton", "package", "previous"):
+                t[key] += row.get(f"{key}_ms", 0.0)
             t["best"] += sweep[0]["ms"]
-            print(f"{name} M={m}: previous {row.get('previous_ms', 0) * 1e3:.1f} us {row.get('previous_rule')}, package "
-                  f"{row['package_ms'] * 1e3:.1f} {row['rule']}; best "
-                  + ", ".join(f"{r['ms'] * 1e3:.1f} {r['tile']},{r['split']},{r['slices']}" for r in sweep[:5]), flush=True)
+            print(f"{name} M={m}: triton {row['triton_ms'] * 1e3:.1f} us, previous {row.get('previous_ms', 0) * 1e3:.1f}, "
+                  f"package {row['package_ms'] * 1e3:.1f} {row['rule']}; best "
+                  + ", ".join(f"{r['ms'] * 1e3:.1f} {r['v']} {r['tile']},{r['split']},{r['slices']}" for r in sweep[:4]),
+                  flush=True)
     for m, t in per_layer.items():
-        print(f"per layer M={m}: previous {t['previous'] * 1e3:.1f} us, package {t['package'] * 1e3:.1f}, "
-              f"best per shape {t['best'] * 1e3:.1f}", flush=True)
+        print(f"per layer M={m}: " + ", ".join(f"{key} {value * 1e3:.1f} us" for key, value in t.items()), flush=True)
     write_record("nf4_ranges", failures=failures, results=results, per_layer=per_layer)
     sys.exit(1 if failures else 0)
 

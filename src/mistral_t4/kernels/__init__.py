@@ -84,7 +84,7 @@ def cuda_rows() -> int:
     """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (8),
     or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS). Above 8 rows it beats the Triton kernel
     per matmul (H200: per layer 76.5 vs 116.1 us at 16 rows, 116.8 vs 136.0 at 32,
-    bench/experiments/nf4_wide_ranges.py); whole-engine runs there are still to measure."""
+    bench/experiments/nf4_ranges.py); whole-engine runs there are still to measure."""
     from . import nf4_cuda
 
     value = os.environ.get(NF4_CUDA_ROWS_ENV)

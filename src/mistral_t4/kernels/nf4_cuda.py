@@ -46,7 +46,7 @@ rows, and split-K partials grow with the rows).
 0.84 ms); batch-1 decode 3.30 -> 2.71 ms per token (bench/results/h200_2026-11-26_s5_prmt_table/).
 K ranges per CTA instead of split-K across CTAs (bench/experiments/nf4_ranges.py): per layer at
 8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9; at 16 rows 76.5 us and at 32 rows 116.8 (1 group per
-warp) against Triton's 116.1 / 136.0 (nf4_wide_ranges.py). What is left at 1 row is mostly the stream itself:
+warp) against Triton's 116.1 / 136.0 (nf4_ranges.py). What is left at 1 row is mostly the stream itself:
 the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
@@ -469,7 +469,7 @@ def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
     each, the least cost; ties go to the smaller split, then more groups per CTA. On 132 SMs:
     qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2); with 1 group per warp
     (the 32-row kernel) qkv (4, 1, 4), o and down (2, 1, 8), gate_up (14, 1, 1), which a sweep
-    at 32 rows found best too (bench/experiments/nf4_wide_ranges.py).
+    at 32 rows found best too (bench/experiments/nf4_ranges.py).
     `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
