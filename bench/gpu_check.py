@@ -26,7 +26,7 @@ from mistral_t4.requests import Request
 from mistral_t4.workload import make_prompts
 
 
-ENGINE_ROWS = 4  # slots of the engines checked here, by default (the CUDA NF4 kernel serves up to 8 on sm80+)
+ENGINE_ROWS = 4  # slots of the engines checked here, by default (engines of up to 8 take the CUDA NF4 kernel on sm80+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

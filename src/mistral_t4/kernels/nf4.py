@@ -37,7 +37,7 @@ Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.
                 small batches, `nf4_triton.nf4_dequantize` + cuBLAS for large ones.
     "cuda"      sm80+ when an engine decodes <= 8 rows (chat; `kernels.cuda_rows`):
                 `nf4_cuda.nf4_matmul` up to 32 rows (NVRTC; table lookups from shared memory
-                straight into mma.sync registers; 1.2-1.7x the Triton kernel per layer at
+                straight into mma.sync registers; 1.5-1.7x the Triton kernel per layer at
                 1-16 rows, 1.16x at 32), `nf4_cuda.nf4_dequantize` + cuBLAS above 32 rows.
                 Weights whose shape it cannot take (rows % 16, blocksize != 64) stay "triton".
     "bnb"       sm75 (T4): bitsandbytes' fused 4-bit GEMM, `torch.ops.bitsandbytes.gemm_4bit`.

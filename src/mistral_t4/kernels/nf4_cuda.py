@@ -23,9 +23,9 @@ the result is already a tensor-core register:
     as operand B (1, 2 or 4 column tiles of 8 rows); a 64-weight block shares one absmax per
     row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
     accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
-  * each warp owns 2 groups of 16 weight rows (1 in the 32-row kernel, for registers),
-    sharing x's fragments, with a ring of 4
-    blocks of 128-bit weight loads that skip L1, refilled as each block is used;
+  * each warp owns 2 groups of 16 weight rows (1 in the 32-row kernel, for registers) that
+    share x's fragments, with a ring of 4 blocks of 128-bit weight loads that skip L1,
+    refilled as each block is used;
   * the ring's first loads go out before the table is built, so the table waits under them;
   * K cut into ranges among a CTA's warps (`slices`: a CTA of 2 row groups has 16 warps each
     on a 16th of K), their sums added in shared memory in range order; split-K across CTAs
