@@ -119,3 +119,15 @@ def test_memory_check_refuses_with_numbers(monkeypatch):
     monkeypatch.setattr(devices, "memory_budget_bytes", lambda device, cap=None: 2 * 2**30)
     with pytest.raises(MemoryError, match=r"needs 13\.\d\d GiB but only 2\.00 GiB"):
         loading.check_fits(int(13.5 * 2**30), torch.device("cpu"), None, "random-7b in fp16")
+
+
+def test_system_description_records_kernel_settings(monkeypatch):
+    """Benchmark JSON carries the MISTRAL_T4_* switches of the run (which kernels ran), not the cache path."""
+    from mistral_t4 import devices
+
+    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA_ROWS", "32")
+    monkeypatch.setenv("MISTRAL_T4_CACHE", "/somewhere")
+    monkeypatch.delenv("MISTRAL_T4_REFERENCE_KERNELS", raising=False)
+    info = devices.describe(torch.device("cpu"))
+    assert info["settings"].get("MISTRAL_T4_NF4_CUDA_ROWS") == "32"
+    assert "MISTRAL_T4_CACHE" not in info["settings"] and "MISTRAL_T4_REFERENCE_KERNELS" not in info["settings"]

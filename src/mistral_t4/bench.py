@@ -262,6 +262,8 @@ def print_report(report: dict, log=print) -> None:
     log(f"workload: {w['requests']} requests x {w['prompt_tokens']} prompt -> {w['new_tokens']} new tokens, greedy")
     log(f"versions: torch {system['torch']}, transformers {system['transformers']}, "
         f"bitsandbytes {system['bitsandbytes']}, driver {system['driver']}")
+    if system.get("settings"):
+        log("settings: " + ", ".join(f"{k}={v}" for k, v in system["settings"].items()))
     header = f"{'engine':<26}{'ok':>7}{'out tok/s':>11}{'all tok/s':>11}{'wall s':>9}{'TTFT p50':>10}" \
              f"{'tok p50 ms':>11}{'tok p99 ms':>11}{'peak GiB':>10}{'warm-up s':>10}"
     log(header)

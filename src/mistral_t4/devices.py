@@ -7,6 +7,7 @@ on a CPU we compute in fp32, which is also what the correctness tests compare ag
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 
@@ -89,6 +90,8 @@ def describe(device: torch.device) -> dict:
         "triton": _version_of("triton"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # the kernel switches set for this run (MISTRAL_T4_NF4_CUDA_ROWS, ...); the cache's path is not one
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MISTRAL_T4_") and k != "MISTRAL_T4_CACHE"},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
