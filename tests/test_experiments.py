@@ -138,8 +138,8 @@ def test_ranges_experiment_compiles(tmp_path):
     wide = load("nf4_wide")
     from mistral_t4.kernels import nf4_cuda
 
-    _, nt, ng = nf4_cuda.INSTANCES[8]
-    assert ranges.V[0] == (nt, ng, 4, nf4_cuda.WARPS)
+    first = nf4_cuda.KERNELS[0]
+    assert ranges.V[0] == (first.tiles, first.groups, first.ring, first.warps) and first.rows == 8
     usage, _ = compiled(wide.source(ranges.V), "sm_90", tmp_path)
     assert all(wide.name(v) in usage for v in ranges.V) and usage.count("LOCAL:0") == usage.count("Function "), usage
     for v in ranges.V:
@@ -175,3 +175,18 @@ def test_interleave_experiment_addresses():
             assert torch.equal(w.view(-1, 512)[at], packed.view(-1, 512)[G * nb + b])
             assert torch.equal(s.view(-1, 16)[at], scales.view(-1, 16)[G * nb + b])
     assert "nf4_interleaved_body<1," in interleave.source()
+
+
+def test_step_profile_groups_kernels():
+    """bench/step_profile.py puts each kernel of a decode step in its group by name: inductor's fused
+    kernels by their prefix even when named after the NF4 op they feed, our matmuls and attention by theirs."""
+    spec = importlib.util.spec_from_file_location("step_profile", EXPERIMENTS.parent / "step_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    groups = {name: profile.group_of(name) for name in [
+        "nf4_matmul32w", "_nf4_matmul_kernel", "kgemm_4bit_inference_naive<half, 128, 16>",
+        "triton_red_fused__to_copy_add_mean_mul_nf4_linear_fragments_pow_rsqrt_11",
+        "triton_poi_fused__to_copy_add_decode_attention_3", "_decode_attention_kernel", "_combine_splits_kernel",
+        "nvjet_sm90_hsh_256x8_64x6_2x1_v_bz_TNT", "void at::native::vectorized_elementwise_kernel<4>"]}
+    assert list(groups.values()) == ["nf4_matmul"] * 3 + ["fused_elementwise"] * 2 + ["decode_attention"] * 2 + [
+        "dense_gemm", "other"]
