@@ -3,7 +3,7 @@
 NF4 linear, for every Mistral-7B projection shape and M in {1, 8, 32, 64, 128, 4096} rows:
 relative error ||out - ref|| / ||ref|| against an fp32 reference (dequantize + fp32
 matmul), GPU time, and achieved GB/s against the bytes the kernel must move (NF4 data +
-scales + x + out), for the Triton backend and the CUDA one (its kernel up to 8 rows, its
+scales + x + out), for the Triton backend and the CUDA one (its kernels up to 32 rows, its
 dequantize + cuBLAS above; its dequantize must equal the reference bit for bit). Beside
 them: bitsandbytes' kernel (the sm75 backend), dequantize + cuBLAS, and fp16 cuBLAS on a
 dense weight (4x the bytes: the baseline to beat).
@@ -338,7 +338,7 @@ def bench_decode_step(device, dtype, time_ms, layers=8):
         else:
             weights = [[NF4Weight.from_bnb(p, backend=backend) for p in layer] for layer in params]
             nbytes = sum(w.nbytes for layer in weights for w in layer)
-        for m in (1, 8) if backend == "cuda" else (1, 8, 32, 64):
+        for m in (1, 8, 32) if backend == "cuda" else (1, 8, 32, 64):
             xs = {k: torch.randn(m, k, device=device, dtype=dtype) for k, _ in shapes.values()}
 
             def step():

@@ -220,14 +220,18 @@ def test_select_kernels(monkeypatch):
     compiles = []
     monkeypatch.setattr(nf4_cuda, "available", lambda device: compiles.append(device) or True)
     assert select_kernels("cuda", decode_rows=1) == {"nf4_linear": "cuda", "decode_attention": "triton"}
+    assert select_kernels("cuda", decode_rows=32)["nf4_linear"] == "cuda"
+    assert select_kernels("cuda", decode_rows=33)["nf4_linear"] == "triton"
+    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA_ROWS", "8")  # to compare: 9-32 slots back on Triton
     assert select_kernels("cuda", decode_rows=8)["nf4_linear"] == "cuda"
     assert select_kernels("cuda", decode_rows=9)["nf4_linear"] == "triton"
+    monkeypatch.delenv("MISTRAL_T4_NF4_CUDA_ROWS")
     monkeypatch.setenv("MISTRAL_T4_NF4_CUDA", "0")
     assert select_kernels("cuda", decode_rows=1)["nf4_linear"] == "triton"
     monkeypatch.delenv("MISTRAL_T4_NF4_CUDA")
     monkeypatch.setattr(nf4_cuda, "available", lambda device: False)  # no NVRTC, or it failed to compile
     assert select_kernels("cuda", decode_rows=1)["nf4_linear"] == "triton"
-    assert len(compiles) == 2  # only asked when the batch is small enough
+    assert len(compiles) == 3  # only asked when the batch is small enough
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_kernels("cuda") == {"nf4_linear": "bnb", "decode_attention": "reference"}
     monkeypatch.setenv("MISTRAL_T4_REFERENCE_KERNELS", "1")
@@ -273,8 +277,9 @@ def test_cuda_geometry_rule():
     """Row groups per CTA, split-K across CTAs and K ranges per CTA of the Mistral-7B decode shapes
     on a 132-SM card (the H200, whose sweep fitted the rule), and the rule's bounds: an even group
     count, K ranges the CTA's warps can hold of >= 4 K blocks each, a power-of-two split up to 16
-    with at least 4 K blocks each, never more than one wave where one wave of the whole tile fits."""
-    from mistral_t4.kernels.nf4_cuda import GROUPS_PER_WARP, WARPS, matmul_geometry
+    with at least 4 K blocks each, never more than one wave where one wave of the whole tile fits;
+    which kernel each shape takes at 1-32 rows (`kernel_for`)."""
+    from mistral_t4.kernels.nf4_cuda import GROUPS_PER_WARP, KERNELS, WARPS, kernel_for, matmul_geometry
 
     chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
@@ -282,15 +287,24 @@ def test_cuda_geometry_rule():
     chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=1) for name, k, n in [  # the 32-row kernel's
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
     assert chosen == {"qkv": (4, 1, 4), "o": (2, 1, 8), "gate_up": (14, 1, 1), "down": (2, 1, 8)}
+    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=4, warps=8) for name, k, n in [  # the wide one's
+        ("qkv", 4096, 6144), ("gate_up", 4096, 28672)]}
+    assert chosen == {"qkv": (4, 1, 8), "gate_up": (14, 1, 2)}
+    picks = {(name, m): kernel_for(m, n, 132).name for name, n in [("qkv", 6144), ("o", 4096), ("gate_up", 28672)]
+             for m in (1, 8, 9, 16, 17, 32)}
+    assert {m: picks["o", m] for m in (1, 8, 9, 16, 17, 32)} == {
+        1: "nf4_matmul", 8: "nf4_matmul", 9: "nf4_matmul16", 16: "nf4_matmul16", 17: "nf4_matmul32", 32: "nf4_matmul32"}
+    assert picks["qkv", 32] == picks["gate_up", 17] == "nf4_matmul32w" and picks["gate_up", 16] == "nf4_matmul16"
+    assert kernel_for(32, 6144, 200).name == "nf4_matmul32"  # 384 groups on 200 SMs: too few for the wide one
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
                       (4096, 4096, 114), (960, 576, 40)]:
-        for groups_per_warp in (GROUPS_PER_WARP, 1):
-            tile, split, slices = matmul_geometry(n, k, sms, groups_per_warp=groups_per_warp)
-            assert 2 <= tile <= WARPS * groups_per_warp and tile % 2 == 0
+        for groups_per_warp, warps in {(GROUPS_PER_WARP, WARPS), (1, WARPS)} | {(k.groups, k.warps) for k in KERNELS}:
+            tile, split, slices = matmul_geometry(n, k, sms, groups_per_warp=groups_per_warp, warps=warps)
+            assert 2 <= tile <= warps * groups_per_warp and tile % 2 == 0
             assert split in (1, 2, 4, 8, 16) and (split == 1 or k // 64 // split >= 4)
-            assert 1 <= slices and -(-tile // groups_per_warp) * slices <= WARPS
+            assert 1 <= slices and -(-tile // groups_per_warp) * slices <= warps
             assert slices == 1 or k // 64 // split // slices >= 4
-            if -(-(n // 16) // (WARPS * groups_per_warp)) <= sms:
+            if -(-(n // 16) // (warps * groups_per_warp)) <= sms:
                 assert -(-(n // 16) // tile) * split <= sms
 
 
@@ -310,7 +324,7 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    names = [name for name, _, _ in nf4_cuda.INSTANCES.values()]
+    names = [kernel.name for kernel in nf4_cuda.KERNELS]
     assert all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
     assert len(re.findall(r"LOCAL:0\b", usage)) == len(names) + 2 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
@@ -325,13 +339,13 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
 
 
 def test_cuda_rows_setting(monkeypatch):
-    """Engines of at most 8 slots take the CUDA NF4 kernel unless MISTRAL_T4_NF4_CUDA_ROWS says
+    """Engines of at most 32 slots take the CUDA NF4 kernel unless MISTRAL_T4_NF4_CUDA_ROWS says
     otherwise (1..32); anything else is a clear error, not a silent default."""
     from mistral_t4.kernels import NF4_CUDA_ROWS_ENV, cuda_rows, nf4_cuda
 
     monkeypatch.delenv(NF4_CUDA_ROWS_ENV, raising=False)
-    assert cuda_rows() == nf4_cuda.ENGINE_ROWS == 8
-    for value, rows in [("32", 32), ("16", 16), (" 1", 1)]:
+    assert cuda_rows() == nf4_cuda.ENGINE_ROWS == 32
+    for value, rows in [("8", 8), ("16", 16), (" 1", 1)]:
         monkeypatch.setenv(NF4_CUDA_ROWS_ENV, value)
         assert cuda_rows() == rows
     for value in ["0", "33", "eight", "-4", ""]:
@@ -388,9 +402,10 @@ def test_cuda_table_address_is_one_prmt(window_start):
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
-def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, rows=8, window_start=1024):
-    """nf4_cuda's kernel for `rows` rows (`INSTANCES[rows]`: its column tiles of 8 rows and row
-    groups per warp, WARPS warps) step by step on CPU: the table built in a byte array standing for the CTA's
+def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, kernel="nf4_matmul",
+                         window_start=1024):
+    """nf4_cuda's kernel `kernel` (of `KERNELS`: its column tiles of 8 rows, row groups per warp and
+    warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
     column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
@@ -398,10 +413,10 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     in fp64 (the tensor core's order differs)."""
     from mistral_t4.kernels import nf4_cuda
 
-    _, column_tiles, groups_per_warp = nf4_cuda.INSTANCES[rows]
-    warps = nf4_cuda.WARPS
+    spec = next(spec for spec in nf4_cuda.KERNELS if spec.name == kernel)
+    column_tiles, groups_per_warp, warps = spec.tiles, spec.groups, spec.warps
     m, k = x.shape
-    assert m <= rows
+    assert m <= spec.rows
     n = fragments.shape[0]
     nb, n_groups = k // 64, n // 16
     words = fragments.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(n_groups, nb, 32, 4)
@@ -421,6 +436,9 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     # the byte permutes of A registers a0..a3, as the kernel's source has them
     selectors = dict(re.findall(r"const u32 a(\d) = lds\(prmt\(w, lane_base, (0x[0-9a-fA-F]+)\)\);", nf4_cuda.SOURCE))
     selectors = [int(selectors[str(j)], 16) for j in range(4)]
+    # where lane c's x values start (in halves) and where its second 16-byte load is (in 16-byte units), as the source has them
+    x_lane_halves = int(re.search(r"x \+ \(size_t\)row \* stride_xm \+ c \* (\d+)\)", nf4_cuda.SOURCE).group(1))
+    x_second = int(re.search(r"hi = ld_x\(xp \+ b \* 8 \+ (\d+)\)", nf4_cuda.SOURCE).group(1))
 
     def lds(addresses):  # 32 lanes' 4-byte loads -> fp16 pairs (low half = k, high half = k + 1)
         offsets = addresses - window_start
@@ -453,7 +471,10 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                         xv = []  # per column tile: lane row g of the B tile is x's row 8 nt + g, clamped to M - 1
                         for nt in range(column_tiles):
                             x_rows = np.minimum(8 * nt + g, m - 1)
-                            xv.append(np.stack([xh[x_rows[l], 64 * b + 16 * c[l]:64 * b + 16 * c[l] + 16] for l in range(32)]))
+                            start = 64 * b + x_lane_halves * c  # the lane's two 16-byte loads
+                            xv.append(np.stack([np.concatenate([xh[x_rows[l], start[l]:start[l] + 8],
+                                                                xh[x_rows[l], start[l] + 8 * x_second:][:8]])
+                                                for l in range(32)]))
                         for q in range(groups_per_warp):
                             gq = min(g0 + q, end - 1)
                             block = np.zeros((column_tiles, 32, 4))
@@ -499,12 +520,16 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     return out
 
 
-@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, rows", [
-    (48, 192, 1, 1, 32, 1, 8), (48, 576, 3, 2, 2, 1, 8), (1040, 192, 8, 3, 32, 1, 8), (560, 320, 5, 4, 17, 1, 8),
-    (1040, 128, 2, 1, 22, 1, 8), (96, 1024, 1, 1, 2, 16, 8), (208, 960, 4, 2, 6, 5, 8), (96, 448, 7, 1, 10, 3, 8),
-    (48, 320, 8, 1, 4, 8, 8), (208, 512, 13, 1, 6, 5, 16), (96, 384, 16, 2, 4, 8, 16), (112, 448, 32, 1, 4, 4, 32),
-    (208, 320, 27, 2, 6, 2, 32), (48, 256, 9, 1, 16, 1, 32)])
-def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, rows):
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, kernel", [
+    (48, 192, 1, 1, 32, 1, "nf4_matmul"), (48, 576, 3, 2, 2, 1, "nf4_matmul"), (1040, 192, 8, 3, 32, 1, "nf4_matmul"),
+    (560, 320, 5, 4, 17, 1, "nf4_matmul"), (1040, 128, 2, 1, 22, 1, "nf4_matmul"), (96, 1024, 1, 1, 2, 16, "nf4_matmul"),
+    (208, 960, 4, 2, 6, 5, "nf4_matmul"), (96, 448, 7, 1, 10, 3, "nf4_matmul"), (48, 320, 8, 1, 4, 8, "nf4_matmul"),
+    (208, 512, 13, 1, 6, 5, "nf4_matmul16"), (96, 384, 16, 2, 4, 8, "nf4_matmul16"), (112, 448, 32, 1, 4, 4, "nf4_matmul32"),
+    (208, 320, 27, 2, 6, 2, "nf4_matmul32"), (48, 256, 9, 1, 16, 1, "nf4_matmul32"),
+    # the wide 32-row kernel: 8 warps of 4 groups (a tile of 14 in 2 ranges leaves the last warp of each half busy)
+    (464, 512, 32, 1, 14, 2, "nf4_matmul32w"), (96, 576, 17, 1, 4, 8, "nf4_matmul32w"), (240, 320, 25, 2, 6, 3, "nf4_matmul32w"),
+    (48, 256, 30, 1, 32, 1, "nf4_matmul32w")])
+def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
     """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
     (groups past a tile's end, tiles that leave warps half busy or idle, uneven and empty splits,
     K ranges per CTA: 16 of 1 group pair, 5 with an idle warp, uneven and empty ranges, M < 8),
@@ -514,7 +539,7 @@ def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, rows):
     w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     assert w.backend == "cuda"
     x = torch.randn(m, k, dtype=torch.float16)
-    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, rows)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, kernel)
     ref = nf4_linear_reference(x.double(), w).numpy()
     assert not np.isnan(got).any(), "an output the kernel never writes"
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -93,7 +93,7 @@ __device__ __forceinline__ void nf4_bulk_body(
             wsrc[q] = (const char*)(wq + (size_t)G * nb * 32);
             ssrc[q] = (const char*)(scales + (size_t)G * nb * 8);
         }
-        const uint4* xp = (const uint4*)(x + (size_t)min(g, M - 1) * stride_xm + c * 16);
+        const uint4* xp = x_lane(x, min(g, M - 1), stride_xm, c);
         const int chunks = (kb1 - kb0 + C - 1) / C;
         auto issue = [&](int j) {  // lane 0: chunk j into slot j % S
             const int b = kb0 + j * C, blocks = min(C, kb1 - b);
@@ -119,7 +119,8 @@ __device__ __forceinline__ void nf4_bulk_body(
             for (int cc = 0; cc < C; cc++) {
                 const int b = kb0 + i * C + cc;
                 if (b < kb1) {
-                    const uint4 x0 = ld_x(xp + b * 8), x1 = ld_x(xp + b * 8 + 1);
+                    uint4 x0, x1;
+                    ld_x_block(xp, b, x0, x1);
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
                         const uint4 wv = lds128(slot + (q * C + cc) * 512 + lane * 16);

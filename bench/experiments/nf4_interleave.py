@@ -40,8 +40,7 @@ def rotated_source():
               "    auto P = [&](int b) { int j = b - kb0 + rot; return kb0 + (j >= nblk ? j - nblk : j); };\n"),
              ("ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8)",
               "ld_stream(wp[q] + (size_t)P(b) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b) * 8)"),
-             ("ld_x(xp[nt] + b * 8); xv[nt][1] = ld_x(xp[nt] + b * 8 + 1)",
-              "ld_x(xp[nt] + P(b) * 8); xv[nt][1] = ld_x(xp[nt] + P(b) * 8 + 1)"),
+             ("ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1])", "ld_x_block(xp[nt], P(b), xv[nt][0], xv[nt][1])"),
              ("ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8)",
               "ld_stream(wp[q] + (size_t)P(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b + D) * 8)")]
     for old, new in swaps:

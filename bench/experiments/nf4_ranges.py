@@ -8,13 +8,12 @@ partial sums go through global memory to the last CTA of a tile; and it sends th
 weight loads before building its table. This script instantiates the kernel's template for V
 (the package's 8-row kernel and variants for 16 / 32 rows, as nf4_wide.py), checks them on odd
 shapes, tiles, splits and ranges, then times every decode shape at 1, 8, 16 and 32 rows: the
-package's `nf4_matmul` (its `INSTANCES` and `matmul_geometry`), a sweep of (groups per CTA,
-split, ranges) per variant, the Triton kernel, and at <= 8 rows the kernel of `--previous`
-(another version's nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule.
+package's `nf4_matmul` (its `kernel_for` and `matmul_geometry`), a sweep of (groups per CTA,
+split, ranges) per variant, the Triton kernel, and the kernel of `--previous` (another version's
+nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule (times only: it reads the
+fragments of this version's layout).
 
-Results (H200, CUDA-graph replay with L2 flushed; JSONs written by this script's first two
-versions, which timed 1 / 8 rows and 16 / 32 rows apart; this merged version has not run on a
-GPU yet, its compile test is in tests/test_experiments.py):
+Results (H200, CUDA-graph replay with L2 flushed):
   * nf4_ranges_h200_2026-11-26.json (previous = 841fbb9's kernel, one K range per CTA, keyed
     "head"): per layer at 8 rows 86.6 -> 68.7 us (o 14.6 -> 8.3, qkv 15.0 -> 11.2, gate_up
     34.4 -> 30.7, down 22.6 -> 18.5), at 1 row 65.7 -> 64.9; the rule's choice is the sweep's
@@ -26,6 +25,13 @@ GPU yet, its compile test is in tests/test_experiments.py):
     (4, 1, 4, 16) / (4, 2, 4, 8) against 136.0 (q/o 12.2 vs 16.8, qkv 18.7 vs 19.4, gate_up 57.8
     vs 63.3, down 28.1 vs 36.4). The package took (2, 2, 4, 16) and (4, 1, 4, 16); its rule
     picks the sweep's best geometry per shape for both.
+  * nf4_ranges_x_sectors_h200_2026-11-26.json (this merged script, V with the wide (4, 4, 2, 8);
+    package = a trial fragment order whose x loads use whole sectors, previous = c85eecc; the
+    order changed nothing measurable and was dropped): per layer 1 / 8 / 16 / 32 rows Triton
+    108.9 / 112.8 / 116.1 / 136.3 us, c85eecc 64.7 / 67.8 / 76.1 / 117.2. At 32 rows (4, 4, 2, 8)
+    takes qkv 17.7 (4, 1, 8) and gate_up 47.6 (16, 1, 2) / 48.5 (14, 1, 2) against 19.6 / 57.4 for
+    the package's (4, 1, 4, 16); o and down stay with it. The package took it for N >= 2 groups
+    per SM (`nf4_cuda.kernel_for`).
 """
 import argparse
 import importlib.util
@@ -37,7 +43,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (column tiles, groups per warp, ring, warps), as nf4_wide.py: the package's 8-row kernel first
-V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8)]
+V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8), (4, 4, 2, 8)]
 ROWS = (1, 8, 16, 32)
 
 
@@ -57,7 +63,7 @@ def configs(v, groups, blocks, sms):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel (<= 8 rows)")
+    parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
@@ -68,7 +74,8 @@ def main():
 
     dev = torch.device("cuda")
     mod = nf4_cuda._Module(dev, nf4_wide.source(V))
-    shared = nf4_cuda.matmul_shared_bytes(nf4_cuda.table_shared_bytes(mod))
+    table_shared = nf4_cuda.table_shared_bytes(mod)
+    shared = {v: nf4_cuda.matmul_shared_bytes(table_shared, v[3] * v[1] * v[0] * 512) for v in V}  # + the ranges' sums
     sms = multiprocessor_count(dev)
     time_ms = timer(dev)
     previous = None
@@ -77,7 +84,7 @@ def main():
         previous = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(previous)
         previous.mod = previous._Module(dev, previous.SOURCE)
-        previous.shared = previous.table_shared_bytes(previous.mod)
+        previous.table_shared = previous.table_shared_bytes(previous.mod)
 
     def launch(kernels, name, warps, shared_bytes, x, w, tile, split, extra, out=None):
         m, k = x.shape
@@ -90,11 +97,17 @@ def main():
         return out
 
     def run(x, w, v, tile, split, slices, out=None):
-        return launch(mod, nf4_wide.name(v), v[3], shared, x, w, tile, split, [slices], out)
+        return launch(mod, nf4_wide.name(v), v[3], shared[v], x, w, tile, split, [slices], out)
 
-    def run_previous(x, w):  # the previous version's kernel (one K range per CTA) under its rule
-        tile, split = previous.matmul_geometry(w.packed.shape[0], x.shape[1], sms)[:2]
-        return launch(previous.mod, "nf4_matmul", 16, previous.shared, x, w, tile, split, [])
+    def run_previous(x, w):  # the previous version's kernel under its rule (times only: its fragment order may differ)
+        n, (m, k) = w.packed.shape[0], x.shape
+        if not hasattr(previous, "INSTANCES"):  # before K ranges (841fbb9): one kernel of 8 rows, one range per CTA
+            tile, split = previous.matmul_geometry(n, k, sms)[:2]
+            return launch(previous.mod, "nf4_matmul", 16, previous.table_shared, x, w, tile, split, [])
+        name, _, groups_per_warp = previous.INSTANCES[min(r for r in previous.INSTANCES if r >= m)]
+        tile, split, slices = previous.matmul_geometry(n, k, sms, groups_per_warp=groups_per_warp)
+        return launch(previous.mod, name, previous.WARPS, previous.matmul_shared_bytes(previous.table_shared), x, w,
+                      tile, split, [slices])
 
     failures = 0
     for n, k in [(96, 320), (48, 192), (1008, 4096), (4096, 14336), (6144, 4096)]:
@@ -122,12 +135,13 @@ def main():
         wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
         for m in ROWS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            row = dict(shape=name, m=m, rule=nf4_cuda.matmul_geometry(
-                n, k, sms, groups_per_warp=nf4_cuda.INSTANCES[min(r for r in nf4_cuda.INSTANCES if r >= m)][2]))
+            kernel = nf4_cuda.kernel_for(m, n, sms)
+            row = dict(shape=name, m=m, kernel=kernel.name, rule=nf4_cuda.matmul_geometry(
+                n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps))
             row["triton_ms"] = time_ms(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16,
                                                                      wt.tile_counters, 64))
             row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters))
-            if previous and m <= 8:
+            if previous and (m <= 8 or hasattr(previous, "INSTANCES")):
                 row["previous_ms"] = time_ms(lambda: run_previous(x, w))
             sweep = []
             for v in V:

@@ -68,7 +68,7 @@ __device__ __forceinline__ void nf4_stream_body(
             wp[q] = wq + (size_t)G * nb * 32 + lane;
             sp[q] = scales + (size_t)G * nb * 8 + g;
         }
-        const uint4* xp = (const uint4*)(x + (size_t)min(g, M - 1) * stride_xm + c * 16);
+        const uint4* xp = x_lane(x, min(g, M - 1), stride_xm, c);
         uint4 wr[D][NG];
         uint2 sr[D][NG];
         #pragma unroll
@@ -84,7 +84,8 @@ __device__ __forceinline__ void nf4_stream_body(
             for (int d = 0; d < D; d++) {
                 const int b = b0 + d;
                 if (b < kb1) {
-                    const uint4 x0 = ld_x(xp + b * 8), x1 = ld_x(xp + b * 8 + 1);
+                    uint4 x0, x1;
+                    ld_x_block(xp, b, x0, x1);
                     acc ^= x0.x ^ x0.y ^ x0.z ^ x0.w ^ x1.x ^ x1.y ^ x1.z ^ x1.w;
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {

@@ -9,14 +9,15 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
                                  tensor cores and no asynchronous copies to pipeline loads
                                  (both kernels compile there, untested on a T4)
-    sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 8 rows per
-                                 step (`decode_rows`: the chat; MISTRAL_T4_NF4_CUDA_ROWS
-                                 raises it up to 32), nf4_linear in CUDA
+    sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 32 rows per
+                                 step (`decode_rows`: the chat, the 32-request benchmark;
+                                 MISTRAL_T4_NF4_CUDA_ROWS sets 1..32), nf4_linear in CUDA
                                  (nf4_cuda.py, compiled by NVRTC) when it compiles there
-                                 and a block may have the shared memory of its table
-                                 (127 KB where the window starts at 1 KB, as on the
-                                 H200: A100/H100/H200 allow it; sm86/sm89 cards such as
-                                 the L4 allow 99 KB and keep Triton)
+                                 and a block may have the shared memory of its table and
+                                 sums (127 KB where the window starts at 1 KB, as on the
+                                 H200, 191 KB for the wide 32-row kernel: A100/H100/H200
+                                 allow it; sm86/sm89 cards such as the L4 allow 99 KB and
+                                 keep Triton)
     MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
     MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch.
 `nf4_linear` follows the backend stored in its NF4Weight; for attention, call
@@ -81,10 +82,12 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
 
 
 def cuda_rows() -> int:
-    """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (8),
-    or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS). Above 8 rows it beats the Triton kernel
-    per matmul (H200: per layer 76.5 vs 116.1 us at 16 rows, 116.8 vs 136.0 at 32,
-    bench/experiments/nf4_ranges.py); whole-engine runs there are still to measure."""
+    """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (32),
+    or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS; 8 gives 16- and 32-slot engines the Triton
+    kernel, to compare). On an H200 the CUDA kernels beat Triton per layer at every size (76.5 vs
+    116.1 us at 16 rows, 121.7 vs 136.3 at 32 before the wide kernel, bench/experiments/nf4_ranges.py)
+    and the 32-request benchmark with them: 4.45 vs 4.92 ms per decode step, 5,910 vs 5,414 output
+    tokens/s (bench/results/h200_2026-11-26_s7_rows32/)."""
     from . import nf4_cuda
 
     value = os.environ.get(NF4_CUDA_ROWS_ENV)

@@ -1,10 +1,11 @@
 """CUDA kernels for NF4 weights at a few rows (sm80+): compiled at run time by NVRTC.
 
 Reference: `nf4.py`. Used by the "cuda" backend, which `kernels.select_kernels` picks on
-sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (8 by default: the
-chat, the interactive mode; larger engines keep the Triton kernel until whole-engine runs
-show the gain). Kernels for 8, 16 and 32 rows (`INSTANCES`: 1, 2, 4 column tiles of 8 rows);
-with K ranges per CTA they beat the Triton kernel at every size up to 32 rows.
+sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (32 by default: the
+chat, the interactive mode and the 32-request benchmark; larger engines keep the Triton
+kernel). Kernels for 8, 16 and 32 rows (`KERNELS`: 1, 2, 4 column tiles of 8 rows, and a
+wide 32-row one for large N, `kernel_for`); with K ranges per CTA they beat the Triton kernel
+at every size up to 32 rows.
 
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
@@ -36,7 +37,7 @@ the result is already a tensor-core register:
     (on 132 SMs: o and down 128 CTAs of 2 groups x 16 ranges, gate_up 128 of 14 x 2, qkv 96
     of 4 x 8) with no partial sums through global memory.
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps); the
-package's instances are `INSTANCES`; bench/experiments/nf4_wide*.py instantiate others.
+package's instances are `KERNELS`; bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
 address, a 32 KB table, 4 warps per CTA) and 109 us for the Triton kernel; at 8 rows 88-90 / 96
@@ -46,7 +47,11 @@ rows, and split-K partials grow with the rows).
 0.84 ms); batch-1 decode 3.30 -> 2.71 ms per token (bench/results/h200_2026-11-26_s5_prmt_table/).
 K ranges per CTA instead of split-K across CTAs (bench/experiments/nf4_ranges.py): per layer at
 8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9; at 16 rows 76.5 us and at 32 rows 116.8 (1 group per
-warp) against Triton's 116.1 / 136.0 (nf4_ranges.py). What is left at 1 row is mostly the stream itself:
+warp) against Triton's 116.1 / 136.0 (nf4_ranges.py). At 32 rows the narrow kernel is bound by L1
+throughput (ncu: 84% L1, 19% DRAM; every warp loads x's 32 rows for its one group); the wide kernel
+(8 warps of 4 groups) takes qkv and gate_up: 19.6 -> 17.7 and 57.4 -> 48.5 us in the sweep of
+nf4_ranges_x_sectors_h200_2026-11-26.json (per layer 121.7 -> ~111 us).
+What is left at 1 row is mostly the stream itself:
 the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
 Layout ("fragments", made once at load by `to_fragments`, undone by `from_fragments`):
@@ -55,7 +60,10 @@ warp owns bytes 16l .. 16l + 15: word t (0..3), byte j = 2h + rh holds the two w
 row 16G + g + 8rh at k = 64b + 16c + 4t + 2h (low nibble) and k + 1 (high nibble). Those
 are exactly the A registers of the t-th m16n8k16 MMA if the MMA's K slots are mapped to
 physical k in the same order for x, which then reads its 16 values at 64b + 16c .. + 15,
-contiguous (a dot product does not care about the order of its terms). Scales: fp32, per
+contiguous (a dot product does not care about the order of its terms). (An order in which the
+4 lanes of an x row read 64 contiguous bytes per load, whole sectors instead of halves of 4,
+measured the same: an L1 load costs a wavefront per 128-byte line touched, 8 per load either
+way; bench/experiments/nf4_ranges_x_sectors_h200_2026-11-26.json.) Scales: fp32, per
 (G, b) the 8 pairs (absmax of row g, absmax of row g + 8). Both tensors keep the shapes
 (N, K/2) and (N, K/64) so that `NF4Weight` reads the sizes as for every backend; rows of
 two weights concatenate by concatenating memory (groups never straddle weights: N % 16 == 0).
@@ -70,18 +78,53 @@ import functools
 import glob
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 
 BLOCKSIZE = 64  # the kernels' K block: bitsandbytes' default NF4 blocksize
 GROUP = 16  # weight rows per MMA tile
-WARPS = 16  # warps per CTA (one CTA per SM)
-# rows of x per call -> (kernel, column tiles of 8 rows, row groups of 16 weight rows per warp)
-INSTANCES = {8: ("nf4_matmul", 1, 2), 16: ("nf4_matmul16", 2, 2), 32: ("nf4_matmul32", 4, 1)}
-MAX_ROWS = max(INSTANCES)
-GROUPS_PER_WARP = INSTANCES[8][2]  # the 8-row kernel's (the experiments build on it)
-REDUCE_BYTES = max(WARPS * ng * nt * 512 for _, nt, ng in INSTANCES.values())  # sums of a CTA's K ranges
-ENGINE_ROWS = 8  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: up to MAX_ROWS)
+WARPS = 16  # warps per CTA of the narrow kernels (one CTA per SM)
+
+
+class Kernel(NamedTuple):
+    """One instance of the template: up to `rows` rows of x, `tiles` column tiles of 8 rows, `groups`
+    row groups of 16 weight rows per warp (sharing x's fragments), a ring of `ring` blocks, `warps` warps."""
+
+    name: str
+    rows: int
+    tiles: int
+    groups: int
+    ring: int
+    warps: int
+
+    @property
+    def reduce_bytes(self) -> int:  # the sums of a CTA's K ranges in shared memory
+        return self.warps * self.groups * self.tiles * 512
+
+
+KERNELS = (
+    Kernel("nf4_matmul", 8, 1, 2, 4, WARPS),
+    Kernel("nf4_matmul16", 16, 2, 2, 4, WARPS),
+    Kernel("nf4_matmul32", 32, 4, 1, 4, WARPS),  # 1 group per warp: 16 warps x 4 tiles fill the registers
+    # 8 warps of 4 groups (255 registers): each x fragment serves 4 groups, a quarter of the narrow kernel's L1 loads
+    # per weight, which pays where N gives each CTA enough groups (`kernel_for`)
+    Kernel("nf4_matmul32w", 32, 4, 4, 2, 8),
+)
+MAX_ROWS = max(kernel.rows for kernel in KERNELS)
+GROUPS_PER_WARP = KERNELS[0].groups  # the 8-row kernel's (the experiments build on it)
+REDUCE_BYTES = max(kernel.reduce_bytes for kernel in KERNELS[:3])  # the narrow kernels' (they fit below the table on sm90)
+ENGINE_ROWS = 32  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: 1 to MAX_ROWS)
+
+
+def kernel_for(m: int, n: int, sm_count: int) -> Kernel:
+    """The kernel for x of m rows and N = n: the fewest rows >= m; at 32 rows the wide one where N has at
+    least 2 row groups per SM (on 132 SMs: qkv and gate_up, 17.7 / 47.6 us against 19.6 / 57.4 for the narrow
+    one; o and down 256 groups keep it: 12.3 / 32.4 against >= 17 / 32.2; H200, nf4_ranges.py)."""
+    rows = min(kernel.rows for kernel in KERNELS if kernel.rows >= m)
+    fits = [kernel for kernel in KERNELS if kernel.rows == rows]
+    wide = [kernel for kernel in fits if kernel.warps < WARPS]
+    return wide[0] if wide and n // GROUP >= 2 * sm_count else fits[0]
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -102,6 +145,15 @@ __device__ __forceinline__ uint4 ld_x(const uint4* p) {
     uint4 r;
     asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
+}
+// x's 16 values for lane 4g + c of K block b, in the fragment order (k = 64b + 16c + 4t + 2h + e for MMA t):
+// x[64b + 16c .. + 15] of `row`, in two 16-byte loads (MMAs t = 0, 1 and t = 2, 3)
+__device__ __forceinline__ const uint4* x_lane(const u16* x, int row, int stride_xm, int c) {
+    return (const uint4*)(x + (size_t)row * stride_xm + c * 16);
+}
+__device__ __forceinline__ void ld_x_block(const uint4* xp, int b, uint4& lo, uint4& hi) {
+    lo = ld_x(xp + b * 8);
+    hi = ld_x(xp + b * 8 + 1);
 }
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -292,7 +344,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (G0 < end) {
         const uint4* xp[NT];  // lane row g of the B tile is x's row 8 nt + g; rows past M read row M - 1:
         #pragma unroll        // they only make output columns that are never stored
-        for (int nt = 0; nt < NT; nt++) xp[nt] = (const uint4*)(x + (size_t)min(nt * 8 + g, M - 1) * stride_xm + c * 16);
+        for (int nt = 0; nt < NT; nt++) xp[nt] = x_lane(x, min(nt * 8 + g, M - 1), stride_xm, c);
         for (int b0 = kb0; b0 < kb1; b0 += D) {
             #pragma unroll
             for (int d = 0; d < D; d++) {
@@ -300,7 +352,7 @@ __device__ __forceinline__ void nf4_matmul_body(
                 if (b < kb1) {
                     uint4 xv[NT][2];
                     #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) { xv[nt][0] = ld_x(xp[nt] + b * 8); xv[nt][1] = ld_x(xp[nt] + b * 8 + 1); }
+                    for (int nt = 0; nt < NT; nt++) ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1]);
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
                         float block[NT][4];  // this block's sums, scaled once below
@@ -417,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 
 # the package's instances: column tiles, row groups per warp, a ring of 4 blocks, WARPS warps
-SOURCE += "".join(f"NF4_MATMUL({name}, {nt}, {ng}, 4, {WARPS})\n" for name, nt, ng in INSTANCES.values())
+SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n" for k in KERNELS)
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -455,7 +507,7 @@ CTA_COST, SPLIT_COST = 135, 70  # in row-group blocks: a CTA's fixed cost; a spl
 
 @functools.cache  # every call of nf4_matmul asks; a search over ~100 candidates each time in eager decode
 def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
-                    groups_per_warp: int = GROUPS_PER_WARP) -> tuple[int, int, int]:
+                    groups_per_warp: int = GROUPS_PER_WARP, warps: int = WARPS) -> tuple[int, int, int]:
     """(row groups per CTA, split-K across CTAs, K ranges per CTA) for nf4_matmul.
 
     A CTA of T row groups keeps T / groups_per_warp warps per K range, so its warps cut its K
@@ -469,15 +521,16 @@ def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
     each, the least cost; ties go to the smaller split, then more groups per CTA. On 132 SMs:
     qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2); with 1 group per warp
     (the 32-row kernel) qkv (4, 1, 4), o and down (2, 1, 8), gate_up (14, 1, 1), which a sweep
-    at 32 rows found best too (bench/experiments/nf4_ranges.py).
+    at 32 rows found best too (bench/experiments/nf4_ranges.py); the wide 32-row kernel (8 warps of 4
+    groups) qkv (4, 1, 8), gate_up (14, 1, 2), within 2% of its sweep's best.
     `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
-    for tile in range(2 if ranges else WARPS, WARPS * groups_per_warp + 1, 2):
+    for tile in range(2 if ranges else warps, warps * groups_per_warp + 1, 2):
         split = 1
         while True:
             per_split = -(-blocks // split)
-            slices = max(1, min(WARPS // -(-tile // groups_per_warp), per_split // 4)) if ranges else 1
+            slices = max(1, min(warps // -(-tile // groups_per_warp), per_split // 4)) if ranges else 1
             waves = -(-(-(-groups // tile) * split) // sm_count)
             cost = waves * (min(tile, groups) * slices * -(-per_split // slices) + CTA_COST) + (split > 1) * SPLIT_COST
             key = (cost, split, -tile)
@@ -614,17 +667,18 @@ _LOCK = threading.Lock()
 @functools.cache
 def _module_cached(index: int) -> _Module:
     module = _Module(torch.device("cuda", index))
-    for name in [name for name, _, _ in INSTANCES.values()] + ["nf4_dequantize"]:  # now, not during a graph capture
+    for name in [kernel.name for kernel in KERNELS] + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
-    module.shared = matmul_shared_bytes(module.table_shared)
+    module.shared = {kernel.name: matmul_shared_bytes(module.table_shared, kernel.reduce_bytes) for kernel in KERNELS}
     return module
 
 
-def matmul_shared_bytes(table_shared: int) -> int:
+def matmul_shared_bytes(table_shared: int, reduce_bytes: int = REDUCE_BYTES) -> int:
     """Dynamic shared memory of the matmul kernels: the table's, and the K ranges' sums after it
-    unless they fit in the window below it (they do on sm90: 63 KB)."""
-    return table_shared + (0 if table_shared - 65536 >= REDUCE_BYTES else REDUCE_BYTES)
+    unless they fit in the window below it (they do on sm90: 63 KB). `reduce_bytes`: the sums'
+    size, WARPS x groups per warp x column tiles x 512 (the package's kernels: REDUCE_BYTES)."""
+    return table_shared + (0 if table_shared - 65536 >= reduce_bytes else reduce_bytes)
 
 
 def table_shared_bytes(module: _Module) -> int:
@@ -651,7 +705,7 @@ def available(device) -> bool:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        needed = module(device).shared
+        needed = max(module(device).shared.values())
     except Exception:  # no NVRTC, an NVRTC too old for the card, a driver error: the Triton kernel serves
         return False
     # sm86/sm89 (RTX 30/40, L4, A10) give a block at most 99 KB: the Triton kernel serves there
@@ -662,7 +716,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
                early: bool = False) -> torch.Tensor:
     """x (M <= MAX_ROWS, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4
-    table. The kernel of the fewest rows >= M (`INSTANCES`).
+    table. The kernel of the fewest rows >= M (`kernel_for`).
     `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py)."""
     m, k = x.shape
     n = fragments.shape[0]
@@ -677,17 +731,19 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    name, _, groups_per_warp = INSTANCES[min(rows for rows in INSTANCES if rows >= m)]
-    tile_groups, split, slices = matmul_geometry(n, k, multiprocessor_count(x.device), groups_per_warp=groups_per_warp)
+    sms = multiprocessor_count(x.device)
+    kernel = kernel_for(m, n, sms)
+    tile_groups, split, slices = matmul_geometry(n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps)
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
-        tile_groups, split, slices = WARPS * groups_per_warp, split_k, 1
+        tile_groups, split, slices = kernel.warps * kernel.groups, split_k, 1
     split_k = split
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-(n // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
-    kernels.launch(name, grid, 32 * WARPS, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                            m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
-                   shared=kernels.shared, early=early)
+    kernels.launch(kernel.name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
+                                                          m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
+                                                          slices],
+                   shared=kernels.shared[kernel.name], early=early)
     return out
 
 
