@@ -20,7 +20,12 @@ CUDA graph too): back to back 61.7 -> 55.1 us per layer (1.99 -> 2.23 TB/s of NF
 PyTorch kernel before each matmul 68.3 -> 66.4 (-3%), and those kernels themselves cost ~1.6 us
 each. So early launch pays where our kernels follow each other: the elementwise work between
 them (RMSNorm, rotary, SiLU-mul) would have to move into the kernels (e.g. SiLU-mul into the
-down projection's x loads) for the engine to get the 11%. Not yet used by the engine.
+down projection's x loads) for the engine to get the 11%. Not used by the engine: launching
+every CUDA NF4 matmul of the engine early (a trial in session 7, behind an environment switch,
+results in bench/results/h200_2026-11-26_s7_early_launch/) made it slower on the H200, batch 1
+2.674 / 2.677 -> 2.745 ms per token and W32 6,304 / 6,259 -> 6,213 output tok/s (same call,
+plain runs before and after), with the engine's logits unchanged (gpu_check.json there); the
+trial was dropped.
 """
 import os
 import sys
