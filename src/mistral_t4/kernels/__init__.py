@@ -84,10 +84,10 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
 def cuda_rows() -> int:
     """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (32),
     or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS; 8 gives 16- and 32-slot engines the Triton
-    kernel, to compare). On an H200 the CUDA kernels beat Triton per layer at every size (76.5 vs
-    116.1 us at 16 rows, 121.7 vs 136.3 at 32 before the wide kernel, bench/experiments/nf4_ranges.py)
-    and the 32-request benchmark with them: 4.45 vs 4.92 ms per decode step, 5,910 vs 5,414 output
-    tokens/s (bench/results/h200_2026-11-26_s7_rows32/)."""
+    kernel, to compare). On an H200 the CUDA kernels beat Triton per layer at every size (77.2 vs
+    117.6 us at 16 rows, 107.8 vs 135.8 at 32, bench/experiments/nf4_ranges.py) and the 32-request
+    benchmark with them: 4.17 vs 4.98 ms per decode step, 6,252 vs 5,403 output tokens/s in one
+    call (bench/results/h200_2026-11-26_s7_rows32/)."""
     from . import nf4_cuda
 
     value = os.environ.get(NF4_CUDA_ROWS_ENV)

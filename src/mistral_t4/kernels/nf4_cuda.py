@@ -49,8 +49,9 @@ K ranges per CTA instead of split-K across CTAs (bench/experiments/nf4_ranges.py
 8 rows 86.6 -> 68.7 us, at 1 row 65.7 -> 64.9; at 16 rows 76.5 us and at 32 rows 116.8 (1 group per
 warp) against Triton's 116.1 / 136.0 (nf4_ranges.py). At 32 rows the narrow kernel is bound by L1
 throughput (ncu: 84% L1, 19% DRAM; every warp loads x's 32 rows for its one group); the wide kernel
-(8 warps of 4 groups) takes qkv and gate_up: 19.6 -> 17.7 and 57.4 -> 48.5 us in the sweep of
-nf4_ranges_x_sectors_h200_2026-11-26.json (per layer 121.7 -> ~111 us).
+(8 warps of 4 groups) takes qkv and gate_up: per layer at 32 rows 118.6 -> 107.8 us against
+Triton's 135.8 (nf4_ranges_wide32_h200_2026-11-26.json); the 32-request benchmark 4.49 -> 4.17 ms
+per decode step (Triton: 4.98; bench/results/h200_2026-11-26_s7_rows32/).
 What is left at 1 row is mostly the stream itself:
 the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
@@ -119,8 +120,9 @@ ENGINE_ROWS = 32  # engines of at most this many slots take these kernels (MISTR
 
 def kernel_for(m: int, n: int, sm_count: int) -> Kernel:
     """The kernel for x of m rows and N = n: the fewest rows >= m; at 32 rows the wide one where N has at
-    least 2 row groups per SM (on 132 SMs: qkv and gate_up, 17.7 / 47.6 us against 19.6 / 57.4 for the narrow
-    one; o and down 256 groups keep it: 12.3 / 32.4 against >= 17 / 32.2; H200, nf4_ranges.py)."""
+    least 2 row groups per SM (on 132 SMs qkv and gate_up: 17.7 / 48.9 us against 19.5 / 58.2 for the narrow
+    one; o and down, 256 groups, keep the narrow one: 12.3 / 28.6 us, the wide one's best 17.3 / 32.1;
+    H200, bench/experiments/nf4_ranges_wide32_h200_2026-11-26.json)."""
     rows = min(kernel.rows for kernel in KERNELS if kernel.rows >= m)
     fits = [kernel for kernel in KERNELS if kernel.rows == rows]
     wide = [kernel for kernel in fits if kernel.warps < WARPS]
@@ -468,7 +470,7 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 # ---------------------------------------------------------------- layout (any device, plain PyTorch)
 
 
-# the package's instances: column tiles, row groups per warp, a ring of 4 blocks, WARPS warps
+# the package's instances (`KERNELS`)
 SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n" for k in KERNELS)
 
 
