@@ -6,12 +6,14 @@ The package's kernel (`mistral_t4.kernels.nf4_cuda`) lets a CTA's warps cut its 
 ranges (`slices`) whose sums meet in shared memory, instead of splitting K across CTAs whose
 partial sums go through global memory to the last CTA of a tile; and it sends the ring's first
 weight loads before building its table. This script instantiates the kernel's template for V
-(the package's 8-row kernel and variants for 16 / 32 rows, as nf4_wide.py), checks them on odd
-shapes, tiles, splits and ranges, then times every decode shape at 1, 8, 16 and 32 rows: the
+(the package's 8-row kernel and variants for 16 / 32 / 64 rows, as nf4_wide.py), checks them on odd
+shapes, tiles, splits and ranges, then times every decode shape at 1, 8, 16, 32 and 64 rows: the
 package's `nf4_matmul` (its `kernel_for` and `matmul_geometry`), a sweep of (groups per CTA,
 split, ranges) per variant, the Triton kernel, and the kernel of `--previous` (another version's
 nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule (times only: it reads the
-fragments of this version's layout).
+fragments of this version's layout). At 64 rows (where the package takes Triton) only the
+sweep: (8, 2, 2, 8) and (8, 2, 1, 8) are candidates for a 64-row kernel; (4, 2, 3, 12) tries 12
+warps of 2 groups at 32 rows (these three have not run on a GPU yet: session 7 ran out of device time).
 
 Results (H200, CUDA-graph replay with L2 flushed):
   * nf4_ranges_h200_2026-11-26.json (previous = 841fbb9's kernel, one K range per CTA, keyed
@@ -43,8 +45,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (column tiles, groups per warp, ring, warps), as nf4_wide.py: the package's 8-row kernel first
-V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8), (4, 4, 2, 8)]
-ROWS = (1, 8, 16, 32)
+V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8), (4, 4, 2, 8),
+     (4, 2, 3, 12),  # 32 rows, 12 warps of 2 groups (165 registers): more warps to hide latency than the wide kernel
+     (8, 2, 2, 8), (8, 2, 1, 8)]  # 64 rows (255 / 247 registers), where the package still takes Triton
+ROWS = (1, 8, 16, 32, 64)
 
 
 def configs(v, groups, blocks, sms):
@@ -113,7 +117,7 @@ def main():
     for n, k in [(96, 320), (48, 192), (1008, 4096), (4096, 14336), (6144, 4096)]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         ref_w = w.dequantize(torch.float32)
-        for m in (1, 5, 8, 13, 32):
+        for m in (1, 5, 8, 13, 32, 47, 64):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             ref = x.float() @ ref_w.T
             for v in V:
@@ -126,8 +130,9 @@ def main():
                     out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
                     run(x, w, v, tile, split, slices, out)
                     failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} {v} {tile},{split},{slices}")
-            out = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
-            failures += check_matmul(out, ref, w.tile_counters, f"package n={n} k={k} m={m}")
+            if m <= nf4_cuda.MAX_ROWS:
+                out = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
+                failures += check_matmul(out, ref, w.tile_counters, f"package n={n} k={k} m={m}")
     print("failures", failures, flush=True)
     results, per_layer = [], {}
     for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
@@ -135,13 +140,16 @@ def main():
         wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
         for m in ROWS:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            kernel = nf4_cuda.kernel_for(m, n, sms)
-            row = dict(shape=name, m=m, kernel=kernel.name, rule=nf4_cuda.matmul_geometry(
-                n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps))
+            row = dict(shape=name, m=m)
             row["triton_ms"] = time_ms(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16,
                                                                      wt.tile_counters, 64))
-            row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters))
-            if previous and (m <= 8 or hasattr(previous, "INSTANCES")):
+            if m <= nf4_cuda.MAX_ROWS:  # the package's kernels stop at 32 rows (above: Triton)
+                kernel = nf4_cuda.kernel_for(m, n, sms)
+                row.update(kernel=kernel.name, rule=nf4_cuda.matmul_geometry(
+                    n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps))
+                row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16,
+                                                                        w.tile_counters))
+            if previous and (m <= 8 or hasattr(previous, "INSTANCES") and m <= previous.MAX_ROWS):
                 row["previous_ms"] = time_ms(lambda: run_previous(x, w))
             sweep = []
             for v in V:
@@ -158,7 +166,7 @@ def main():
                 t[key] += row.get(f"{key}_ms", 0.0)
             t["best"] += sweep[0]["ms"]
             print(f"{name} M={m}: triton {row['triton_ms'] * 1e3:.1f} us, previous {row.get('previous_ms', 0) * 1e3:.1f}, "
-                  f"package {row['package_ms'] * 1e3:.1f} {row['rule']}; best "
+                  f"package {row.get('package_ms', 0) * 1e3:.1f} {row.get('rule')}; best "
                   + ", ".join(f"{r['ms'] * 1e3:.1f} {r['v']} {r['tile']},{r['split']},{r['slices']}" for r in sweep[:4]),
                   flush=True)
     for m, t in per_layer.items():

@@ -67,7 +67,7 @@ def name(v):
 
 
 def column_tiles(m):
-    return 1 if m <= 8 else 2 if m <= 16 else 4
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
 
 
 class Wide:
