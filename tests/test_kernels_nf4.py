@@ -296,6 +296,13 @@ def test_cuda_geometry_rule():
         1: "nf4_matmul", 8: "nf4_matmul", 9: "nf4_matmul16", 16: "nf4_matmul16", 17: "nf4_matmul32", 32: "nf4_matmul32"}
     assert picks["qkv", 32] == picks["gate_up", 17] == "nf4_matmul32w" and picks["gate_up", 16] == "nf4_matmul16"
     assert kernel_for(32, 6144, 200).name == "nf4_matmul32"  # 384 groups on 200 SMs: too few for the wide one
+    from mistral_t4.kernels.nf4_cuda import describe_plans
+
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    assert describe_plans(32, shapes, 132) == {"qkv": "nf4_matmul32w (4, 1, 8)", "o": "nf4_matmul32 (2, 1, 8)",
+                                               "gate_up": "nf4_matmul32w (14, 1, 2)", "down": "nf4_matmul32 (2, 1, 8)"}
+    assert describe_plans(1, shapes, 132) == {"qkv": "nf4_matmul (4, 1, 8)", "o": "nf4_matmul (2, 1, 16)",
+                                              "gate_up": "nf4_matmul (14, 1, 2)", "down": "nf4_matmul (2, 1, 16)"}
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
                       (4096, 4096, 114), (960, 576, 40)]:
         for groups_per_warp, warps in {(GROUPS_PER_WARP, WARPS), (1, WARPS)} | {(k.groups, k.warps) for k in KERNELS}:

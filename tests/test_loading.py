@@ -131,3 +131,25 @@ def test_system_description_records_kernel_settings(monkeypatch):
     info = devices.describe(torch.device("cpu"))
     assert info["settings"].get("MISTRAL_T4_NF4_CUDA_ROWS") == "32"
     assert "MISTRAL_T4_CACHE" not in info["settings"] and "MISTRAL_T4_REFERENCE_KERNELS" not in info["settings"]
+
+
+def test_engine_records_cuda_kernel_plans(tiny_random_path):
+    """With the "cuda" NF4 backend the engine's description (benchmark JSON) names the kernel and grid
+    each projection's decode matmul takes at its slot count; other backends and > 32 slots: none."""
+    from mistral_t4.engine import Engine
+    from mistral_t4.kernels import nf4_cuda
+    from mistral_t4.model import FastMistral
+
+    model, tokenizer = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
+    fast = FastMistral.from_hf(model, {"nf4_linear": "cuda", "decode_attention": "reference"})
+    layer = fast.layers[0]
+    shapes = {name: (linear.out_features, linear.in_features)
+              for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]}
+    for rows in (1, 8, 32):
+        info = Engine(fast, tokenizer, max_batch=rows, max_len=64, compile=False).describe()
+        assert info["nf4_cuda_kernels"] == nf4_cuda.describe_plans(rows, shapes, 1)  # CPU: one "SM"
+        names = {plan.split()[0] for plan in info["nf4_cuda_kernels"].values()}
+        assert names == {"nf4_matmul32w"} if rows == 32 else names == {"nf4_matmul"}, (rows, names)
+    assert fast.nf4_cuda_plans(33) == {}
+    reference = FastMistral.from_hf(model)
+    assert "nf4_cuda_kernels" not in Engine(reference, tokenizer, max_batch=4, max_len=64, compile=False).describe()

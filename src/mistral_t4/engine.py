@@ -305,7 +305,7 @@ class Engine:
         return seq
 
     def describe(self) -> dict:
-        return {
+        info = {
             "engine": self.name,
             "max_batch": self.max_batch,
             "cache_len": self.max_len,
@@ -314,6 +314,10 @@ class Engine:
             "prefill_bucket": self.prefill_bucket,
             "kernels": dict(self.model.kernel_choice),
         }
+        plans = self.model.nf4_cuda_plans(self.max_batch)
+        if plans:  # which CUDA NF4 kernel and grid each projection's decode matmul takes
+            info["nf4_cuda_kernels"] = plans
+        return info
 
 
 def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compile: bool | None = None,

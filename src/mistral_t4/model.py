@@ -168,6 +168,19 @@ class FastMistral(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
         self.register_buffer("rope_sin", None, persistent=False)
 
+    def nf4_cuda_plans(self, rows: int) -> dict[str, str]:
+        """With the "cuda" NF4 backend: the kernel and grid of each projection's matmul at `rows` rows
+        (`nf4_cuda.describe_plans`), as a decode step of an engine of `rows` slots launches them; {} otherwise."""
+        from mistral_t4.kernels import nf4_cuda
+
+        layer = self.layers[0] if self.layers else None
+        if layer is None or self.kernel_choice.get("nf4_linear") != "cuda" or not 1 <= rows <= nf4_cuda.MAX_ROWS:
+            return {}
+        shapes = {name: (linear.out_features, linear.in_features)
+                  for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]
+                  if linear.nf4 is not None and linear.nf4.backend == "cuda"}
+        return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype

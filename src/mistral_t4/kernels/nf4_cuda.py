@@ -714,6 +714,19 @@ def available(device) -> bool:
     return needed <= getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
 
 
+def launch_plan(m: int, n: int, k: int, sm_count: int) -> tuple[Kernel, int, int, int]:
+    """What `nf4_matmul` launches for x (m, k) and N = n: (kernel, row groups per CTA, split, K ranges)."""
+    kernel = kernel_for(m, n, sm_count)
+    return (kernel, *matmul_geometry(n, k, sm_count, groups_per_warp=kernel.groups, warps=kernel.warps))
+
+
+def describe_plans(rows: int, shapes: dict[str, tuple[int, int]], sm_count: int) -> dict[str, str]:
+    """Per named weight (N, K): 'kernel (row groups per CTA, split, K ranges)' at `rows` rows, for the
+    load log and the benchmark JSON, e.g. {"qkv": "nf4_matmul32w (4, 1, 8)", ...}."""
+    plans = {name: launch_plan(rows, n, k, sm_count) for name, (n, k) in shapes.items()}
+    return {name: f"{kernel.name} ({tile}, {split}, {slices})" for name, (kernel, tile, split, slices) in plans.items()}
+
+
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
                early: bool = False) -> torch.Tensor:
@@ -733,9 +746,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    sms = multiprocessor_count(x.device)
-    kernel = kernel_for(m, n, sms)
-    tile_groups, split, slices = matmul_geometry(n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps)
+    kernel, tile_groups, split, slices = launch_plan(m, n, k, multiprocessor_count(x.device))
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
         tile_groups, split, slices = kernel.warps * kernel.groups, split_k, 1
     split_k = split
