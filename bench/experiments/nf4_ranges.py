@@ -144,9 +144,8 @@ def main():
             row["triton_ms"] = time_ms(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16,
                                                                      wt.tile_counters, 64))
             if m <= nf4_cuda.MAX_ROWS:  # the package's kernels stop at 32 rows (above: Triton)
-                kernel = nf4_cuda.kernel_for(m, n, sms)
-                row.update(kernel=kernel.name, rule=nf4_cuda.matmul_geometry(
-                    n, k, sms, groups_per_warp=kernel.groups, warps=kernel.warps))
+                kernel, *rule = nf4_cuda.launch_plan(m, n, k, sms)
+                row.update(kernel=kernel.name, rule=tuple(rule))
                 row["package_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16,
                                                                         w.tile_counters))
             if previous and (m <= 8 or hasattr(previous, "INSTANCES") and m <= previous.MAX_ROWS):
