@@ -411,8 +411,8 @@ def test_cuda_table_address_is_one_prmt(window_start):
 
 def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, kernel="nf4_matmul",
                          window_start=1024):
-    """nf4_cuda's kernel `kernel` (of `KERNELS`: its column tiles of 8 rows, row groups per warp and
-    warps) step by step on CPU: the table built in a byte array standing for the CTA's
+    """nf4_cuda's kernel `kernel` (a name in `KERNELS`, or any `Kernel` instance of the template: its
+    column tiles of 8 rows, row groups per warp and warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
     column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
@@ -420,7 +420,7 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     in fp64 (the tensor core's order differs)."""
     from mistral_t4.kernels import nf4_cuda
 
-    spec = next(spec for spec in nf4_cuda.KERNELS if spec.name == kernel)
+    spec = kernel if isinstance(kernel, nf4_cuda.Kernel) else next(s for s in nf4_cuda.KERNELS if s.name == kernel)
     column_tiles, groups_per_warp, warps = spec.tiles, spec.groups, spec.warps
     m, k = x.shape
     assert m <= spec.rows
@@ -545,6 +545,26 @@ def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
     from the kernel's source: swapping two of them there fails this test."""
     w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     assert w.backend == "cuda"
+    x = torch.randn(m, k, dtype=torch.float16)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, kernel)
+    ref = nf4_linear_reference(x.double(), w).numpy()
+    assert not np.isnan(got).any(), "an output the kernel never writes"
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+
+
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, variant", [
+    (208, 448, 29, 1, 8, 3, (4, 2, 3, 12)), (96, 320, 32, 2, 6, 4, (4, 2, 3, 12)), (112, 576, 20, 1, 2, 5, (4, 2, 3, 12)),
+    (240, 384, 64, 1, 8, 2, (8, 2, 2, 8)), (96, 512, 47, 3, 4, 4, (8, 2, 1, 8))])
+def test_cuda_template_variants_emulated(n, k, m, split_k, tile_groups, slices, variant):
+    """The template's index math for the variants bench/experiments/nf4_ranges.py sweeps next: 12 warps
+    (ranges of 4 and of 2 warps with idle warps left over: 12 is no power of two) and 8 column tiles
+    (64 rows, a ring of 1 block), on fresh random inputs, against the reference."""
+    from mistral_t4.kernels import nf4_cuda
+
+    tiles, groups, ring, warps = variant
+    assert -(-tile_groups // groups) * slices <= warps, "a geometry the kernel's warps hold (as the sweep proposes)"
+    kernel = nf4_cuda.Kernel(f"variant_{tiles}_{groups}_{ring}_{warps}", 8 * tiles, tiles, groups, ring, warps)
+    w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m), backend="cuda")
     x = torch.randn(m, k, dtype=torch.float16)
     got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, kernel)
     ref = nf4_linear_reference(x.double(), w).numpy()
