@@ -114,7 +114,7 @@ KERNELS = (
 )
 MAX_ROWS = max(kernel.rows for kernel in KERNELS)
 GROUPS_PER_WARP = KERNELS[0].groups  # the 8-row kernel's (the experiments build on it)
-REDUCE_BYTES = max(kernel.reduce_bytes for kernel in KERNELS[:3])  # the narrow kernels' (they fit below the table on sm90)
+REDUCE_BYTES = max(k.reduce_bytes for k in KERNELS if k.warps == WARPS)  # the narrow kernels' (below the table on sm90)
 ENGINE_ROWS = 32  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: 1 to MAX_ROWS)
 
 
@@ -714,6 +714,7 @@ def available(device) -> bool:
     return needed <= getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
 
 
+@functools.cache  # asked at every call of nf4_matmul (eager prefill: every projection of every chunk)
 def launch_plan(m: int, n: int, k: int, sm_count: int) -> tuple[Kernel, int, int, int]:
     """What `nf4_matmul` launches for x (m, k) and N = n: (kernel, row groups per CTA, split, K ranges)."""
     kernel = kernel_for(m, n, sm_count)
