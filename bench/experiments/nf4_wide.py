@@ -86,8 +86,6 @@ class Wide:
 
     def matmul(self, x, w, split_k, v, out=None, tile_groups=None):
         """tile_groups: row groups per CTA (default: all its warps' groups, WARPS x NG)."""
-        from mistral_t4.kernels import nf4_cuda
-
         nt, ng, d, warps = v
         m, k = x.shape
         n = w.packed.shape[0]
@@ -99,7 +97,7 @@ class Wide:
         tiles = -(-(n // 16) // tile_groups)
         self.mod.launch(name(v), (tiles, split_k), warps * 32,
                         [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
-                         out.stride(0), split_k, tile_groups, 1] + nf4_cuda.NO_PREFETCH, shared=self.shared)  # one K range per CTA
+                         out.stride(0), split_k, tile_groups, 1], shared=self.shared)  # one K range per CTA
         return out
 
 

@@ -317,8 +317,6 @@ class Engine:
         plans = self.model.nf4_cuda_plans(self.max_batch)
         if plans:  # which CUDA NF4 kernel and grid each projection's decode matmul takes
             info["nf4_cuda_kernels"] = plans
-        if self.model.prefetch_plan:  # eighths of each projection's weight its predecessor reads ahead into L2
-            info["nf4_prefetch_eighths"] = dict(self.model.prefetch_plan)
         return info
 
 

@@ -116,7 +116,6 @@ class FastLinear(nn.Module):
             self.nf4 = None
             self.register_buffer("weight", weight, persistent=False)
             self.out_features, self.in_features = weight.shape
-        self.prefetch = None  # (the NF4Weight the next matmul reads, eighths): `FastMistral.plan_prefetch`
         self.lora_index = []  # adapter index (into the model's adapter list) for each stored pair
         for index, pair in enumerate(loras):
             if pair is None:
@@ -131,7 +130,7 @@ class FastLinear(nn.Module):
         elif self.reference:
             y = nf4_linear_reference(x, self.nf4)
         else:
-            y = nf4_linear(x, self.nf4, self.prefetch)
+            y = nf4_linear(x, self.nf4)
         for index in self.lora_index:
             # adapter_masks[index]: (rows, 1[, 1]) with 1.0 where that row uses this adapter
             low = F.linear(x, getattr(self, f"lora_a{index}")) * adapter_masks[index]
@@ -166,7 +165,6 @@ class FastMistral(nn.Module):
         self.register_buffer("lm_head", lm_head, persistent=False)
         self.layers = nn.ModuleList(layers)
         self.cache = None
-        self.prefetch_plan = {}  # `plan_prefetch`'s eighths per projection read ahead ("cuda" NF4 backend)
         self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
         self.register_buffer("rope_sin", None, persistent=False)
 
@@ -182,25 +180,6 @@ class FastMistral(nn.Module):
                   for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]
                   if linear.nf4 is not None and linear.nf4.backend == "cuda"}
         return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device))
-
-    def plan_prefetch(self, budget_bytes: int) -> dict[str, int]:
-        """Each "cuda" NF4 matmul of a decode step sends to L2 part of the weight the next one reads
-        (qkv -> o -> gate_up -> down -> the next layer's qkv): eighths / 8 of its lines, as many as
-        fit `budget_bytes` (0: none), fetched while the kernels between the two run (norms, rotary,
-        attention), when the DRAM would otherwise idle. Returns the eighths per projection that
-        is read ahead, e.g. {"o": 8, "gate_up": 2, "down": 3, "qkv": 8}."""
-        chain = [linear for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        names = ["qkv", "o", "gate_up", "down"]
-        plan = {}
-        for index, (linear, ahead) in enumerate(zip(chain, chain[1:] + [None])):
-            linear.prefetch = None
-            if ahead is None or budget_bytes <= 0 or any(w is None or w.backend != "cuda" for w in (linear.nf4, ahead.nf4)):
-                continue
-            eighths = min(8, 8 * budget_bytes // ahead.nf4.nbytes)
-            if eighths:
-                linear.prefetch = (ahead.nf4, eighths)
-                plan[names[(index + 1) % 4]] = eighths
-        return plan
 
     @property
     def dtype(self) -> torch.dtype:
@@ -243,10 +222,8 @@ class FastMistral(nn.Module):
                 _fuse([mlp.down_proj], adapters, reference, kernel_choice),
             ))
         lm_head = hf.lm_head.weight.data
-        fast = cls(config, hf.model.embed_tokens.weight.data, layers, hf.model.norm.weight.data, lm_head,
+        return cls(config, hf.model.embed_tokens.weight.data, layers, hf.model.norm.weight.data, lm_head,
                    adapters, kernel_choice)
-        fast.prefetch_plan = fast.plan_prefetch(kernels.prefetch_budget()) if kernel_choice.get("nf4_linear") == "cuda" else {}
-        return fast
 
     def attach_cache(self, cache) -> None:
         """Use `cache` for keys/values; precompute rotary tables for its length."""

@@ -48,8 +48,6 @@ __all__ = [
 REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
 NF4_CUDA_ENV = "MISTRAL_T4_NF4_CUDA"
 NF4_CUDA_ROWS_ENV = "MISTRAL_T4_NF4_CUDA_ROWS"
-NF4_PREFETCH_ENV = "MISTRAL_T4_NF4_PREFETCH_MB"
-NF4_PREFETCH_MB = 0  # off by default: no gain measured (bench/experiments/nf4_prefetch.py)
 
 _DESCRIPTIONS = {
     ("nf4_linear", "triton"): "Triton NF4 GEMM, dequantized in registers",
@@ -98,17 +96,6 @@ def cuda_rows() -> int:
     if not value.strip().isdigit() or not 1 <= int(value) <= nf4_cuda.MAX_ROWS:
         raise ValueError(f"{NF4_CUDA_ROWS_ENV}={value!r}: expected a number of rows from 1 to {nf4_cuda.MAX_ROWS}")
     return int(value)
-
-
-def prefetch_budget() -> int:
-    """Bytes of the next weight each CUDA NF4 matmul of a decode step sends to L2 (`FastMistral.plan_prefetch`):
-    NF4_PREFETCH_MB, or MISTRAL_T4_NF4_PREFETCH_MB (0 turns the read-ahead off, to compare)."""
-    value = os.environ.get(NF4_PREFETCH_ENV)
-    if value is None:
-        return NF4_PREFETCH_MB << 20
-    if not value.strip().isdigit() or int(value) > 1024:
-        raise ValueError(f"{NF4_PREFETCH_ENV}={value!r}: expected megabytes from 0 to 1024")
-    return int(value) << 20
 
 
 def describe(choice: dict[str, str]) -> str:

@@ -239,11 +239,8 @@ def nf4_linear_reference(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     return F.linear(x, w.dequantize(x.dtype))
 
 
-def nf4_linear(x: torch.Tensor, w: NF4Weight, prefetch: tuple[NF4Weight, int] | None = None) -> torch.Tensor:
-    """x (..., in_features) fp16/fp32 -> (..., out_features), on the backend `w` was built for.
-
-    `prefetch` ("cuda" backend): (the weight the next matmul reads, eighths): the kernel sends
-    eighths / 8 of it to L2 once its own loads are out (`nf4_cuda.nf4_matmul`); other backends ignore it."""
+def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """x (..., in_features) fp16/fp32 -> (..., out_features), on the backend `w` was built for."""
     if w.backend == "reference":
         return nf4_linear_reference(x, w)
     if w.backend == "bnb":
@@ -252,10 +249,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, prefetch: tuple[NF4Weight, int] | 
         )
     if w.backend == "cuda":
         rows = x.reshape(-1, w.in_features)
-        ahead, eighths = prefetch if prefetch is not None and prefetch[0].backend == "cuda" else (None, 0)
-        out = torch.ops.mistral_t4.nf4_linear_fragments(
-            rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
-            ahead.packed if eighths else None, ahead.absmax if eighths else None, eighths)
+        out = torch.ops.mistral_t4.nf4_linear_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
         return out.view(*x.shape[:-1], w.out_features)
     assert w.backend == "triton", f"unknown NF4 backend {w.backend!r}"
     rows = x.reshape(-1, w.in_features)  # (M, K)
@@ -299,17 +293,12 @@ def _nf4_linear_fragments(
     code: torch.Tensor,
     code_fp16: torch.Tensor,
     tile_counters: torch.Tensor,
-    next_packed: torch.Tensor | None,
-    next_absmax: torch.Tensor | None,
-    prefetch_eighths: int,
 ) -> torch.Tensor:
-    """x (M, K) -> (M, N) for the "cuda" backend (tile_counters: see `mistral_t4::nf4_linear`); the
-    decode-sized kernel sends prefetch_eighths / 8 of the next weight (next_packed, next_absmax) to L2."""
+    """x (M, K) -> (M, N) for the "cuda" backend (tile_counters: see `mistral_t4::nf4_linear`)."""
     from . import nf4_cuda
 
     if x.dtype == torch.float16 and x.shape[0] <= nf4_cuda.MAX_ROWS:
-        prefetch = (next_packed, next_absmax, prefetch_eighths) if prefetch_eighths else None
-        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, prefetch=prefetch)
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters)
     if x.dtype == torch.float16:
         weight = nf4_cuda.nf4_dequantize(packed, absmax, code)
     else:
@@ -318,5 +307,5 @@ def _nf4_linear_fragments(
 
 
 @_nf4_linear_fragments.register_fake
-def _(x, packed, absmax, code, code_fp16, tile_counters, next_packed, next_absmax, prefetch_eighths):
+def _(x, packed, absmax, code, code_fp16, tile_counters):
     return x.new_empty(x.shape[0], packed.shape[0])

@@ -52,6 +52,10 @@ throughput (ncu: 84% L1, 19% DRAM; every warp loads x's 32 rows for its one grou
 (8 warps of 4 groups) takes qkv and gate_up: per layer at 32 rows 118.6 -> 107.8 us against
 Triton's 135.8 (nf4_ranges_wide32_h200_2026-11-26.json); the 32-request benchmark 4.49 -> 4.17 ms
 per decode step (Triton: 4.98; bench/results/h200_2026-11-26_s7_rows32/).
+Reading the next matmul's weights into L2 at the end of each matmul (`prefetch.global.L2`, so
+that the DRAM fetches them during the norms, rotary and attention between the two) did not pay:
+batch 1 2.61 -> 2.65 ms per token with 16 MB ahead, W32 within 1% (a CTA's prefetches delay
+its exit; bench/experiments/nf4_prefetch_h200_2026-11-27.json, the trial at commit 1b55dd4).
 What is left at 1 row is mostly the stream itself:
 the same loads with the arithmetic taken out run 48.5 us per layer (bench/experiments/nf4_stream.py).
 
@@ -176,17 +180,6 @@ __device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
 }
 
-// L2 prefetch of the weights the next matmul reads (`prefetch` of nf4_matmul): of `lines` 128-byte lines
-// from p, those with i % 8 < eighths, spread over the grid's threads (thread, threads); fire and forget,
-// so that the DRAM fetches them while the kernels between the two matmuls run
-__device__ __forceinline__ void prefetch_lines(const char* p, int lines, int eighths, int thread, int threads) {
-    const int chosen = lines / 8 * eighths + min(lines % 8, eighths);
-    for (int j = thread; j < chosen; j += threads) {
-        const int line = j / eighths * 8 + j % eighths;
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(p + (size_t)line * 128));
-    }
-}
-
 // Programmatic dependent launch (sm90; no-ops when the grid was launched without it, and on older cards):
 // `wait` blocks until the grids this one depends on have finished and their writes are visible;
 // `launch_dependents` lets a grid launched after this one with the attribute start its CTAs early.
@@ -301,8 +294,7 @@ template <int NT, int NG, int D, int WARPS>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1,
-        const char* pf_w = nullptr, const char* pf_s = nullptr, int pf_w_lines = 0, int pf_s_lines = 0, int pf_eighths = 0) {
+        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1) {
     extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 base = (u32)__cvta_generic_to_shared(window);
@@ -403,12 +395,6 @@ __device__ __forceinline__ void nf4_matmul_body(
         }
     }
     dependents_launch();
-    if (pf_eighths > 0) {  // this CTA's loads are out: its share of the next matmul's weights into L2
-        const int threads = gridDim.x * gridDim.y * blockDim.x;
-        const int thread = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + tid;
-        prefetch_lines(pf_w, pf_w_lines, pf_eighths, thread, threads);
-        prefetch_lines(pf_s, pf_s_lines, pf_eighths, thread, threads);
-    }
     if (slices > 1) {  // range 0's warps add the other ranges' sums to theirs, in range order
         if (tile.slice > 0) {
             #pragma unroll
@@ -444,10 +430,9 @@ __device__ __forceinline__ void nf4_matmul_body(
 #define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
-        int split_k, int tile_groups, int slices, const char* pf_w, const char* pf_s, int pf_w_lines, int pf_s_lines, \
-        int pf_eighths) { \
+        int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, \
-                                      tile_groups, slices, pf_w, pf_s, pf_w_lines, pf_s_lines, pf_eighths); }
+                                      tile_groups, slices); }
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -590,13 +575,12 @@ class _Module:
 
     def launch(self, name: str, grid: tuple[int, int], block: int, args: list, shared: int = 0,
                early: bool = False) -> None:
-        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints, None as NULL.
+        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints.
 
         `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function.
         `early`: programmatic dependent launch (sm90): the grid may start while the previous one
         finishes; the kernel must `dependencies_wait()` before it reads what that one wrote."""
-        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_void_p(None) if a is None
-                  else ctypes.c_int(a) for a in args]
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         function = self.function(name)
         if torch.cuda.current_device() != self.index:  # the driver launches in the current device's context
@@ -748,28 +732,12 @@ def describe_plans(rows: int, shapes: dict[str, tuple[int, int]], sm_count: int)
     return {name: f"{kernel.name} ({tile}, {split}, {slices})" for name, (kernel, tile, split, slices) in plans.items()}
 
 
-NO_PREFETCH = [None, None, 0, 0, 0]  # the kernels' last arguments without a prefetch (for the experiments' launches)
-
-
-def prefetch_arguments(prefetch: tuple[torch.Tensor, torch.Tensor, int] | None) -> list:
-    """The kernels' last five arguments for `prefetch` = (fragments, scales, eighths) of the weight the
-    next matmul reads: eighths / 8 of its 128-byte lines (those with index % 8 < eighths) go to L2."""
-    if prefetch is None or prefetch[2] <= 0:
-        return NO_PREFETCH
-    fragments, scales, eighths = prefetch
-    assert 0 < eighths <= 8 and fragments.is_contiguous() and scales.is_contiguous()
-    return [fragments, scales, -(-fragments.nbytes // 128), -(-scales.nbytes // 128), eighths]
-
-
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
-               early: bool = False, prefetch: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+               early: bool = False) -> torch.Tensor:
     """x (M <= MAX_ROWS, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4
     table. The kernel of the fewest rows >= M (`kernel_for`).
-    `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py).
-    `prefetch`: (fragments, scales, eighths) of the next matmul's weight: each CTA, once its own loads
-    are out, asks L2 for its share of eighths / 8 of them (`prefetch_arguments`), which the DRAM then
-    fetches while the kernels between the two matmuls run."""
+    `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py)."""
     m, k = x.shape
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
@@ -792,7 +760,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     kernels = module(x.device)
     kernels.launch(kernel.name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
                                                           m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
-                                                          slices] + prefetch_arguments(prefetch),
+                                                          slices],
                    shared=kernels.shared[kernel.name], early=early)
     return out
 
