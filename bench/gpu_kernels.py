@@ -7,7 +7,8 @@ scales + x + out), for the Triton backend and the CUDA one (its kernels up to 32
 dequantize + cuBLAS above; its dequantize must equal the reference bit for bit). Beside
 them: bitsandbytes' kernel (the sm75 backend), dequantize + cuBLAS, and fp16 cuBLAS on a
 dense weight (4x the bytes: the baseline to beat).
-Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions.
+Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions; beside it the
+decode step's fused rotary + cache write + attention against the three steps it replaces.
 A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
 Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
 one CUDA graph and matches eager; split-K gives bit-identical results call after call.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 import triton
 
 from mistral_t4.kernels import NF4Weight, decode_attention, decode_attention_reference, nf4_linear
+from mistral_t4.kernels.attention import decode_attention_rotary, decode_attention_rotary_reference, rotate
 from mistral_t4.kernels import attention_triton, multiprocessor_count, nf4_cuda, nf4_triton
 
 # (name, in_features, out_features) of Mistral-7B's projections, fused ones included.
@@ -397,12 +399,53 @@ def bench_attention(device, dtype, time_ms, smoke, sweep):
             row["sweep"] = timings
             best = sorted((t for t in timings if "ms" in t), key=lambda t: t["ms"])[:3]
             row["sweep_best"] = [f"{t['config']}: {fmt(t)}" for t in best]
+        row.update(rotary_attention(q, k, v, lengths, scale, time_ms))
         results.append(row)
-        cells = f"triton: {fmt(row['triton'])} | reference: {fmt(row['reference'])}"
-        print(f"attention batch={batch:<3} cache={cache_len:<5} | {cells}", flush=True)
+        cells = " | ".join(f"{label}: {fmt(row[label])}" for label in ("triton", "reference", "rotary_fused", "rotary_steps"))
+        print(f"attention batch={batch:<3} cache={cache_len:<5} | {cells} | caches equal: {row['rotary_caches_equal']}",
+              flush=True)
         for line in row.get("sweep_best", []):
             print(f"    {line}", flush=True)
     return results
+
+
+def rotary_attention(q, k, v, lengths, scale, time_ms):
+    """The decode step's attention as one launch (`decode_attention_rotary`: rotary, cache write, attention)
+    against the three steps it replaces (rotate, an indexed cache write, `decode_attention`): error against
+    the fp32 reference, time, and whether both leave the same cache."""
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, max_len = k.shape[1], k.shape[2]
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, device=q.device, dtype=q.dtype)
+    positions = (lengths - 1).long()
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=q.device) / head_dim))
+    emb = torch.outer(torch.arange(max_len, dtype=torch.float, device=q.device), inv_freq).repeat(1, 2)
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    k_ref, v_ref = k.float(), v.float()
+    ref = decode_attention_rotary_reference(qkv.float(), k_ref, v_ref, positions, cos.float(), sin.float(), n_heads, scale)
+    k_fused, v_fused, k_steps, v_steps = k.clone(), v.clone(), k.clone(), v.clone()
+
+    def fused():
+        return decode_attention_rotary(qkv, k_fused, v_fused, positions, cos, sin, n_heads, scale)
+
+    def steps():
+        parts = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+        q_new, k_new, v_new = (t.reshape(batch, -1, head_dim) for t in parts)
+        c, s = cos[positions][:, None], sin[positions][:, None]
+        rows = torch.arange(batch, device=q.device)
+        k_steps[rows, :, positions] = rotate(k_new, c, s)
+        v_steps[rows, :, positions] = v_new
+        return decode_attention(rotate(q_new, c, s), k_steps, v_steps, lengths, scale)
+
+    row = {}
+    for label, fn in (("rotary_fused", fused), ("rotary_steps", steps)):
+        try:
+            err = rel_error(fn(), ref)
+            ms = time_ms(fn)
+            row[label] = dict(ms=ms, gbps=(2 * k.nbytes * lengths.float().mean().item() / max_len) / ms / 1e6, rel_err=err)
+        except Exception as e:
+            row[label] = dict(error=f"{type(e).__name__}: {e}")
+    row["rotary_caches_equal"] = torch.equal(k_fused, k_steps) and torch.equal(v_fused, v_steps)
+    return row
 
 
 def check_compile_and_determinism(device, dtype):
@@ -449,6 +492,7 @@ def main():
     parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
     parser.add_argument("--nf4-variants", action="store_true", help="only: NF4 kernel variants on the decode shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, decode_step, compile, sweep)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16
@@ -476,6 +520,8 @@ def main():
     if args.sweep:
         rows = [7] if args.smoke else [1, 32, 64]
         sections["sweep"] = lambda: sweep_nf4(sweep_shapes, rows, device, dtype, time_ms, deadline)
+    if args.only:
+        sections = {name: run for name, run in sections.items() if name in args.only.split(",")}
     for name, run in sections.items():
         start = time.monotonic()
         try:

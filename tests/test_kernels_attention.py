@@ -11,6 +11,7 @@ import torch
 
 from helpers import INTERPRETED, run_interpreted_tests
 from mistral_t4.kernels import decode_attention, decode_attention_reference
+from mistral_t4.kernels.attention import decode_attention_rotary, decode_attention_rotary_reference
 
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernel_in_interpreter")
 
@@ -72,6 +73,61 @@ def test_decode_attention_on_cpu_is_the_reference():
     q, k, v, lengths = random_case(4)
     expected = decode_attention_reference(q, k, v, lengths, 0.2, 16)
     assert torch.equal(decode_attention(q, k, v, lengths, 0.2, 16), expected)
+
+
+POSITIONS = [0, MAX_LEN - 1, 36, 63, 64, 5]  # the new token's position per row: first, last, tile edges
+
+
+def rotary_case(group, n_kv_heads=2, head_dim=32, dtype=torch.float32, positions=POSITIONS, seed=0):
+    """qkv of the new tokens, a cache with one spare row, positions, and cos / sin tables as the model's."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(positions)
+    qkv = torch.randn(batch, (n_kv_heads * group + 2 * n_kv_heads) * head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch + 1, n_kv_heads, MAX_LEN, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch + 1, n_kv_heads, MAX_LEN, head_dim, generator=generator).to(dtype)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    angles = torch.outer(torch.arange(MAX_LEN, dtype=torch.float), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)
+    return qkv, k, v, torch.tensor(positions), emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def naive_rotate(x, cos, sin):
+    """x (..., head_dim) as pairs (d, d + half) turned by the angle of d: (a, b) -> (a c - b s, b c + a s)."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos[..., :half] - b * sin[..., :half], b * cos[..., half:] + a * sin[..., half:]), dim=-1)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7])
+@pytest.mark.parametrize("group", [1, 4])
+def test_rotary_reference_matches_naive(group, sliding_window):
+    """Rotated q and k, the cache written at each row's position only, attention over 0 .. position."""
+    qkv, k, v, positions, cos, sin = rotary_case(group)
+    n_heads, n_kv_heads, head_dim = 2 * group, 2, 32
+    k_before, v_before = k.clone(), v.clone()
+    out = decode_attention_rotary_reference(qkv, k, v, positions, cos, sin, n_heads, 0.2, sliding_window)
+    batch = len(POSITIONS)
+    q_new = qkv[:, :n_heads * head_dim].view(batch, n_heads, head_dim).double()
+    k_new = qkv[:, n_heads * head_dim:(n_heads + n_kv_heads) * head_dim].view(batch, n_kv_heads, head_dim).double()
+    v_new = qkv[:, (n_heads + n_kv_heads) * head_dim:].view(batch, n_kv_heads, head_dim)
+    c, s = cos[positions].double()[:, None], sin[positions].double()[:, None]
+    k_expected, v_expected = k_before.clone().double(), v_before.clone()
+    for b, p in enumerate(POSITIONS):
+        k_expected[b, :, p] = naive_rotate(k_new[b], c[b], s[b])
+        v_expected[b, :, p] = v_new[b]
+    torch.testing.assert_close(k.double(), k_expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, v_expected), "v written unchanged at each position, nothing else touched"
+    lengths = positions.to(torch.int32) + 1
+    expected = naive_attention(naive_rotate(q_new, c, s), k_expected, v_expected, lengths, 0.2, sliding_window)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_on_cpu_is_the_reference():
+    qkv, k, v, positions, cos, sin = rotary_case(4)
+    k2, v2 = k.clone(), v.clone()
+    expected = decode_attention_rotary_reference(qkv, k, v, positions, cos, sin, 8, 0.2, 16)
+    assert torch.equal(decode_attention_rotary(qkv, k2, v2, positions, cos, sin, 8, 0.2, 16), expected)
+    assert torch.equal(k2, k) and torch.equal(v2, v)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
@@ -143,4 +199,40 @@ def test_interpreted_custom_op_defaults():
     q, k, v, lengths = random_case(4, dtype=torch.float16)
     out = torch.ops.mistral_t4.decode_attention(q, k, v, lengths, 0.2, 30)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), lengths, 0.2, 30)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+
+
+@interpreted
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_rotary_kernel_matches_reference(dtype, group, sliding_window, num_splits):
+    """One launch against rotate + indexed cache write + reference attention: the same cache after it
+    (v bit for bit; k to rounding), the same output; a spare cache row and other positions untouched."""
+    from mistral_t4.kernels import attention_triton
+
+    qkv, k, v, positions, cos, sin = rotary_case(group, dtype=dtype)
+    k_ref, v_ref = k.clone(), v.clone()
+    n_heads = 2 * group
+    ref = decode_attention_rotary_reference(qkv, k_ref, v_ref, positions, cos, sin, n_heads, 0.2, sliding_window)
+    out = torch.full((len(POSITIONS), n_heads, 32), float("nan"), dtype=dtype)
+    attention_triton.decode_attention_rotary(qkv, k, v, positions, cos, sin, n_heads, 0.2, sliding_window, out,
+                                             num_splits, block_len=16)
+    assert torch.equal(v, v_ref)
+    torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@interpreted
+def test_interpreted_rotary_custom_op_defaults():
+    """Through the custom op with default tiles and splits, qkv a slice of a wider buffer (strided rows)."""
+    qkv, k, v, positions, cos, sin = rotary_case(4, dtype=torch.float16)
+    wide = torch.zeros(qkv.shape[0], qkv.shape[1] + 8, dtype=qkv.dtype)
+    wide[:, :qkv.shape[1]] = qkv
+    k_ref, v_ref = k.clone(), v.clone()
+    ref = decode_attention_rotary_reference(qkv, k_ref, v_ref, positions, cos, sin, 8, 0.2, 30)
+    out = torch.ops.mistral_t4.decode_attention_rotary(wide[:, :qkv.shape[1]], k, v, positions, cos, sin, 8, 0.2, 30)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     assert rel_error(out, ref) < TOLERANCE[torch.float16]

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mistral_t4 import kernels
-from mistral_t4.kernels.attention import decode_attention, decode_attention_reference
+from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
 from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference
 
 
@@ -37,13 +37,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on the last dim (halves layout, as HF). x: (..., head_dim); cos/sin broadcast."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -311,15 +304,19 @@ class FastMistral(nn.Module):
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
         lengths = (positions + 1).to(torch.int32)
         masks = self.adapter_masks(adapter_ids, 1)
-        attention = decode_attention_reference if self.kernel_choice.get("decode_attention") == "reference" \
-            else decode_attention
+        reference = self.kernel_choice.get("decode_attention") == "reference"
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, self.eps)
-            q, k, v = self._split_qkv(layer.qkv(h, masks))  # each (B, heads, head_dim)
-            q, k = rotate_qk(q, k, cos, sin)
-            self.cache.write_decode(index, positions, k, v)
-            attn = attention(q, getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}"), lengths,
-                             self.head_dim**-0.5, self.sliding_window)  # (B, n_heads, head_dim)
+            qkv = layer.qkv(h, masks)
+            k_cache, v_cache = getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}")
+            if reference:  # rotary, the cache write and attention, step by step
+                q, k, v = self._split_qkv(qkv)  # each (B, heads, head_dim)
+                q, k = rotate_qk(q, k, cos, sin)
+                self.cache.write_decode(index, positions, k, v)
+                attn = decode_attention_reference(q, k_cache, v_cache, lengths, self.head_dim**-0.5, self.sliding_window)
+            else:  # the same in one kernel (`decode_attention_rotary`)
+                attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
+                                               self.n_heads, self.head_dim**-0.5, self.sliding_window)
             x, h = add_rms_norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
             x = x + layer.down(silu_mul(layer.gate_up(h, masks)), masks)
         return self._logits(x)

@@ -1,7 +1,8 @@
 """Kernels of the decode step, each beside its plain-PyTorch reference.
 
     nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (kernels: nf4_triton.py, nf4_cuda.py)
-    attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py)
+    attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py);
+                  decode_attention_rotary (+ _reference): rotary, cache write and attention in one launch
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
     CPU                          references
@@ -32,13 +33,15 @@ import os
 
 import torch
 
-from .attention import decode_attention, decode_attention_reference
+from .attention import decode_attention, decode_attention_reference, decode_attention_rotary, decode_attention_rotary_reference
 from .nf4 import NF4Weight, nf4_linear, nf4_linear_reference
 
 __all__ = [
     "NF4Weight",
     "decode_attention",
     "decode_attention_reference",
+    "decode_attention_rotary",
+    "decode_attention_rotary_reference",
     "describe",
     "nf4_linear",
     "nf4_linear_reference",
@@ -54,7 +57,7 @@ _DESCRIPTIONS = {
     ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 32 rows, table in shared memory, NVRTC",
     ("nf4_linear", "bnb"): "bitsandbytes gemm_4bit",
     ("nf4_linear", "reference"): "dequantize + F.linear",
-    ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only",
+    ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only, rotary + cache write fused",
     ("decode_attention", "reference"): "PyTorch matmul + softmax over the whole cache",
 }
 

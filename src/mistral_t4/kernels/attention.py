@@ -18,6 +18,12 @@ bandwidth-bound, like the NF4 matmul. The Triton kernel (`attention_triton.py`) 
 the `length` valid positions of each row, not `max_len`, and splits long sequences across
 programs (flash-decoding) when batch * n_kv_heads programs would leave SMs idle.
 
+`decode_attention_rotary` (the decode step's path on GPUs) takes the new token's q, k and v
+unrotated, from the qkv projection's output, with the rows' positions: it rotates q and k,
+writes k and v to the cache at those positions and attends, in one launch instead of three
+(rotary, two cache writes) before it; `decode_attention_rotary_reference` is the same in
+plain PyTorch (`rotate`, an indexed write, `decode_attention_reference`).
+
 Backends: `decode_attention_reference` (plain PyTorch: CPU, sm75, or forced; its two
 batched matmuls run on cuBLAS) and `decode_attention` (the Triton kernel on CUDA as the
 custom op `mistral_t4::decode_attention`, the reference elsewhere). The kernel uses fp16 or
@@ -28,6 +34,13 @@ are not pipelined, so `select_kernels` keeps the reference on a T4.
 from __future__ import annotations
 
 import torch
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the last dim (halves layout, as HF). x: (..., head_dim); cos/sin broadcast."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def decode_attention_reference(
@@ -88,3 +101,71 @@ def _decode_attention_cuda(
 @_decode_attention_cuda.register_fake
 def _(q, k_cache, v_cache, lengths, scale, sliding_window):
     return q.new_empty(q.shape)
+
+
+def decode_attention_rotary_reference(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """qkv (batch, (n_heads + 2 n_kv_heads) head_dim) of the new tokens, positions (batch,): q and k
+    rotated by `cos` / `sin` (max_len, head_dim) at each row's position, k and v written to the cache
+    there, then attention over positions 0 .. position -> (batch, n_heads, head_dim)."""
+    batch = qkv.shape[0]
+    n_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q, k, v = q.reshape(batch, n_heads, head_dim), k.reshape(batch, n_kv_heads, head_dim), v.reshape(batch, n_kv_heads, head_dim)
+    cos, sin = cos[positions][:, None], sin[positions][:, None]  # (batch, 1, head_dim)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    rows = torch.arange(batch, device=qkv.device)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+    return decode_attention_reference(q, k_cache, v_cache, (positions + 1).to(torch.int32), scale, sliding_window)
+
+
+def decode_attention_rotary(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Same contract as the reference; the Triton kernel on CUDA (one launch, and the merge of its splits)."""
+    if qkv.device.type != "cuda":
+        return decode_attention_rotary_reference(qkv, k_cache, v_cache, positions, cos, sin, n_heads, scale,
+                                                 sliding_window)
+    return torch.ops.mistral_t4.decode_attention_rotary(qkv, k_cache, v_cache, positions, cos, sin, n_heads, scale,
+                                                        sliding_window)
+
+
+@torch.library.custom_op("mistral_t4::decode_attention_rotary", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_rotary_cuda(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    from . import attention_triton
+
+    return attention_triton.decode_attention_rotary(qkv, k_cache, v_cache, positions, cos, sin, n_heads, scale,
+                                                    sliding_window)
+
+
+@_decode_attention_rotary_cuda.register_fake
+def _(qkv, k_cache, v_cache, positions, cos, sin, n_heads, scale, sliding_window):
+    return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[3])

@@ -18,6 +18,19 @@ writes its unnormalized acc with its m and l, and a second small kernel merges t
 The split count depends only on shapes (static under CUDA graphs), never on `lengths`.
 A program whose chunk lies beyond its row's length, or before its sliding window, loops zero
 times and writes empty statistics (m = -inf, l = 0), which the merge weighs by 0.
+
+`decode_attention_rotary` (ROTARY): the same kernel also does what the decode step did in three
+kernels before it: it reads q, k and v of the new token straight from the qkv projection's
+output, applies the rotary embedding of the row's position to q and k (rounded as eager fp16
+PyTorch rounds `x * cos + rotate_half(x) * sin`), and the program whose chunk holds that position
+writes k and v to the cache and adds the position's term from registers after its loop, which
+stops before it (so no program reads a cache entry written in the same launch). Launched
+without multiply-add contraction, which otherwise left k one fp16 ulp off eager's in 16% of
+elements; without it both paths leave the same cache bit for bit (H200, `bench/gpu_kernels.py`).
+Measured (H200, bench/results/h200_2026-11-27_s8_rotary_attention/): a decode step's kernels
+at 1 row 9 -> 6 per layer besides the matmuls (inductor's elementwise kernels 316 -> 192 us
+per step, gaps 156 -> 87 us); batch 1 2.665 / 2.665 -> 2.512 / 2.526 ms per token, W32
+6,307 / 6,345 -> 6,426 output tokens/s (before / after, one call each).
 """
 
 import math
@@ -30,15 +43,27 @@ from . import multiprocessor_count
 
 
 @triton.jit
+def _rotate(x, partner, cos, sin, first_half):
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[half:], x[:half]): `partner` is x at
+    (d + half) % head_dim; each product and the sum rounded to x's dtype, as eager PyTorch does."""
+    rotated = tl.where(first_half, -partner, partner).to(tl.float32)
+    a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
+    b = (rotated * sin.to(tl.float32)).to(x.dtype)
+    return (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _decode_attention_kernel(
-    q_ptr,  # (batch, n_heads, HEAD_DIM)
+    q_ptr,  # (batch, n_heads, HEAD_DIM); ROTARY: the qkv projection's output (batch, (n_heads + 2 n_kv_heads) HEAD_DIM)
     k_ptr,  # (max_batch, n_kv_heads, max_len, HEAD_DIM)
     v_ptr,
-    lengths_ptr,  # (batch,) int32
+    lengths_ptr,  # (batch,) int32; ROTARY: the positions of the new tokens (lengths - 1)
     out_ptr,  # (batch, n_heads, HEAD_DIM), written if NUM_SPLITS == 1
     split_acc_ptr,  # (batch, n_heads, NUM_SPLITS, HEAD_DIM) fp32, written if NUM_SPLITS > 1
     split_max_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
     split_sum_ptr,  # (batch, n_heads, NUM_SPLITS) fp32
+    cos_ptr,  # ROTARY: (max_len, HEAD_DIM) rotary tables in q's dtype
+    sin_ptr,
     scale_log2e,  # softmax scale * log2(e): exp(x) = exp2(x * log2(e))
     window,  # attend to positions >= length - window (max_len when there is no window)
     chunk_len,  # positions per split, a multiple of BLOCK_L
@@ -59,11 +84,17 @@ def _decode_attention_kernel(
     BLOCK_L: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROTARY: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    length = tl.load(lengths_ptr + row)
+    if ROTARY:
+        position = tl.load(lengths_ptr + row).to(tl.int32)
+        length = position + 1
+    else:
+        position = 0
+        length = tl.load(lengths_ptr + row)
     begin = tl.maximum(length - window, 0)
     lo = tl.maximum(begin, split * chunk_len)
     hi = tl.minimum(length, (split + 1) * chunk_len)
@@ -73,10 +104,28 @@ def _decode_attention_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     heads = kv_head * GROUP + offs_g
     mask_g = offs_g < GROUP
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    q_row = q_ptr + row * stride_qb
+    q = tl.load(q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
 
     k_rows = k_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
     v_rows = v_ptr + row.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
+    holds_new = False  # ROTARY: this program's chunk holds the new token's position
+    if ROTARY:
+        partner = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+        first_half = offs_d < HEAD_DIM // 2
+        cos = tl.load(cos_ptr + position * HEAD_DIM + offs_d)
+        sin = tl.load(sin_ptr + position * HEAD_DIM + offs_d)
+        q_partner = tl.load(q_row + heads[:, None] * stride_qh + partner[None, :], mask=mask_g[:, None], other=0.0)
+        q = _rotate(q, q_partner, cos[None, :], sin[None, :], first_half[None, :])
+        k_at = q_row + (n_heads + kv_head) * HEAD_DIM
+        v_at = q_row + (n_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
+        k_new = _rotate(tl.load(k_at + offs_d), tl.load(k_at + partner), cos, sin, first_half)  # (HEAD_DIM,)
+        v_new = tl.load(v_at + offs_d)
+        holds_new = (position >= lo) & (position < hi)
+        new_mask = (offs_d < HEAD_DIM) & holds_new
+        tl.store(k_rows + position * stride_kl, k_new[None, :].to(k_ptr.dtype.element_ty), mask=new_mask[None, :])
+        tl.store(v_rows + position * stride_vl, v_new[None, :].to(v_ptr.dtype.element_ty), mask=new_mask[None, :])
+        hi = tl.where(holds_new, position, hi)  # the loop stops before it: its term comes from registers
     running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
@@ -93,6 +142,15 @@ def _decode_attention_kernel(
         v = tl.load(v_rows + positions[:, None] * stride_vl, mask=valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
         running_max = new_max
+    if ROTARY:
+        if holds_new:  # the new token's term, as one more position of the loop
+            score = tl.sum(q.to(tl.float32) * k_new.to(q.dtype).to(tl.float32)[None, :], axis=1) * scale_log2e
+            new_max = tl.maximum(running_max, score)
+            rescale = tl.exp2(running_max - new_max)
+            p = tl.exp2(score - new_max)
+            running_sum = running_sum * rescale + p
+            acc = acc * rescale[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            running_max = new_max
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]  # no positions: acc is 0
@@ -162,23 +220,59 @@ def decode_attention(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """q (batch, n_heads, head_dim) -> (batch, n_heads, head_dim); see `attention.py`."""
-    batch, n_heads, head_dim = q.shape
+    assert q.stride(2) == 1
+    return _launch(q, q.shape[1], q.stride(0), q.stride(1), k_cache, v_cache, lengths, None, None, scale,
+                   sliding_window, out, num_splits, block_len, num_warps, num_stages)
+
+
+def decode_attention_rotary(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_heads: int,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_len: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """qkv (batch, (n_heads + 2 n_kv_heads) head_dim), positions (batch,) -> (batch, n_heads, head_dim),
+    and the new tokens' rotated keys and values written to the cache at their positions; see `attention.py`."""
+    head_dim, n_kv_heads = k_cache.shape[3], k_cache.shape[1]
+    assert qkv.dim() == 2 and qkv.shape[1] == (n_heads + 2 * n_kv_heads) * head_dim and qkv.stride(1) == 1
+    assert cos.shape == sin.shape == (k_cache.shape[2], head_dim) and cos.is_contiguous() and sin.is_contiguous()
+    assert cos.dtype == sin.dtype == qkv.dtype and positions.shape == (qkv.shape[0],)
+    return _launch(qkv, n_heads, qkv.stride(0), head_dim, k_cache, v_cache, positions, cos, sin, scale,
+                   sliding_window, out, num_splits, block_len, num_warps, num_stages)
+
+
+def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, sin, scale, sliding_window, out,
+            num_splits, block_len, num_warps, num_stages):
+    """The attention kernel (ROTARY when cos / sin are given: q is the qkv output, lengths the positions)
+    and, with splits, the merge."""
+    batch, head_dim = q.shape[0], k_cache.shape[3]
     n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     assert n_heads == group * n_kv_heads and batch <= k_cache.shape[0]
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     if num_splits is None:
         num_splits = default_num_splits(batch * n_kv_heads, max_len, multiprocessor_count(q.device))
     chunk_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_len) * block_len
     if out is None:
-        out = q.new_empty(q.shape)
+        out = q.new_empty((batch, n_heads, head_dim))
     if num_splits > 1:
         split_acc = torch.empty((batch, n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         split_max = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
         split_sum = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         split_acc = split_max = split_sum = out  # not touched
+    rotary = cos is not None
     _decode_attention_kernel[(batch, n_kv_heads, num_splits)](
         q,
         k_cache,
@@ -188,12 +282,14 @@ def decode_attention(
         split_acc,
         split_max,
         split_sum,
+        cos if rotary else out,  # not touched without ROTARY
+        sin if rotary else out,
         scale * math.log2(math.e),
         sliding_window if sliding_window is not None else max_len,
         chunk_len,
         n_heads,
-        q.stride(0),
-        q.stride(1),
+        stride_qb,
+        stride_qh,
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -208,8 +304,12 @@ def decode_attention(
         BLOCK_L=block_len,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROTARY=rotary,
         num_warps=num_warps,
         num_stages=num_stages,
+        # no multiply-add contraction: with it the rotary products were not rounded where eager PyTorch rounds
+        # them (k one fp16 ulp off in 16% of elements, H200); without it the cache holds eager's values exactly
+        enable_fp_fusion=not rotary,
     )
     if num_splits > 1:
         _combine_splits_kernel[(batch, n_heads)](
