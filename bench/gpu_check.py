@@ -26,7 +26,7 @@ from mistral_t4.requests import Request
 from mistral_t4.workload import make_prompts
 
 
-ENGINE_ROWS = 4  # slots of the engines checked here, by default (engines of up to 32 take the CUDA NF4 kernel on sm80+)
+ENGINE_ROWS = 4  # slots of the engines checked here, by default (engines of up to 64 take the CUDA NF4 kernel on sm80+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default="out")
     parser.add_argument("--rows", type=int, default=ENGINE_ROWS,
-                        help="the engines' slots (--rows 32 checks the 32-row CUDA kernels)")
+                        help="the engines' slots (--rows 32 or 64 checks the 32- or 64-row CUDA kernels)")
     args = parser.parse_args()
     device = devices.pick_device("cuda")
     results = {"system": devices.describe(device), "model": args.model, "rows": args.rows, "quants": {}}

@@ -340,7 +340,7 @@ def bench_decode_step(device, dtype, time_ms, layers=8):
         else:
             weights = [[NF4Weight.from_bnb(p, backend=backend) for p in layer] for layer in params]
             nbytes = sum(w.nbytes for layer in weights for w in layer)
-        for m in (1, 8, 32) if backend == "cuda" else (1, 8, 32, 64):
+        for m in (1, 8, 32, 64):
             xs = {k: torch.randn(m, k, device=device, dtype=dtype) for k, _ in shapes.values()}
 
             def step():

@@ -220,9 +220,9 @@ def test_select_kernels(monkeypatch):
     compiles = []
     monkeypatch.setattr(nf4_cuda, "available", lambda device: compiles.append(device) or True)
     assert select_kernels("cuda", decode_rows=1) == {"nf4_linear": "cuda", "decode_attention": "triton"}
-    assert select_kernels("cuda", decode_rows=32)["nf4_linear"] == "cuda"
-    assert select_kernels("cuda", decode_rows=33)["nf4_linear"] == "triton"
-    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA_ROWS", "8")  # to compare: 9-32 slots back on Triton
+    assert select_kernels("cuda", decode_rows=64)["nf4_linear"] == "cuda"
+    assert select_kernels("cuda", decode_rows=65)["nf4_linear"] == "triton"
+    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA_ROWS", "8")  # to compare: 9-64 slots back on Triton
     assert select_kernels("cuda", decode_rows=8)["nf4_linear"] == "cuda"
     assert select_kernels("cuda", decode_rows=9)["nf4_linear"] == "triton"
     monkeypatch.delenv("MISTRAL_T4_NF4_CUDA_ROWS")
@@ -278,7 +278,7 @@ def test_cuda_geometry_rule():
     on a 132-SM card (the H200, whose sweep fitted the rule), and the rule's bounds: an even group
     count, K ranges the CTA's warps can hold of >= 4 K blocks each, a power-of-two split up to 16
     with at least 4 K blocks each, never more than one wave where one wave of the whole tile fits;
-    which kernel each shape takes at 1-32 rows (`kernel_for`)."""
+    which kernel each shape takes at 1-64 rows (`kernel_for`)."""
     from mistral_t4.kernels.nf4_cuda import GROUPS_PER_WARP, KERNELS, WARPS, kernel_for, matmul_geometry
 
     chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
@@ -290,17 +290,24 @@ def test_cuda_geometry_rule():
     chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=4, warps=8) for name, k, n in [  # the wide one's
         ("qkv", 4096, 6144), ("gate_up", 4096, 28672)]}
     assert chosen == {"qkv": (4, 1, 8), "gate_up": (14, 1, 2)}
+    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=2, warps=8) for name, k, n in [  # the 64-row one's
+        ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
+    assert chosen == {"qkv": (4, 1, 4), "o": (2, 1, 8), "gate_up": (14, 1, 1), "down": (2, 1, 8)}  # the sweep's best
     picks = {(name, m): kernel_for(m, n, 132).name for name, n in [("qkv", 6144), ("o", 4096), ("gate_up", 28672)]
              for m in (1, 8, 9, 16, 17, 32)}
     assert {m: picks["o", m] for m in (1, 8, 9, 16, 17, 32)} == {
         1: "nf4_matmul", 8: "nf4_matmul", 9: "nf4_matmul16", 16: "nf4_matmul16", 17: "nf4_matmul32", 32: "nf4_matmul32"}
     assert picks["qkv", 32] == picks["gate_up", 17] == "nf4_matmul32w" and picks["gate_up", 16] == "nf4_matmul16"
     assert kernel_for(32, 6144, 200).name == "nf4_matmul32"  # 384 groups on 200 SMs: too few for the wide one
+    assert {kernel_for(m, n, sms).name for m in (33, 47, 64) for n, sms in [(4096, 132), (28672, 132), (64, 200)]} == {
+        "nf4_matmul64"}
     from mistral_t4.kernels.nf4_cuda import describe_plans
 
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     assert describe_plans(32, shapes, 132) == {"qkv": "nf4_matmul32w (4, 1, 8)", "o": "nf4_matmul32 (2, 1, 8)",
                                                "gate_up": "nf4_matmul32w (14, 1, 2)", "down": "nf4_matmul32 (2, 1, 8)"}
+    assert describe_plans(64, shapes, 132) == {"qkv": "nf4_matmul64 (4, 1, 4)", "o": "nf4_matmul64 (2, 1, 8)",
+                                               "gate_up": "nf4_matmul64 (14, 1, 1)", "down": "nf4_matmul64 (2, 1, 8)"}
     assert describe_plans(1, shapes, 132) == {"qkv": "nf4_matmul (4, 1, 8)", "o": "nf4_matmul (2, 1, 16)",
                                               "gate_up": "nf4_matmul (14, 1, 2)", "down": "nf4_matmul (2, 1, 16)"}
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
@@ -346,16 +353,16 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
 
 
 def test_cuda_rows_setting(monkeypatch):
-    """Engines of at most 32 slots take the CUDA NF4 kernel unless MISTRAL_T4_NF4_CUDA_ROWS says
-    otherwise (1..32); anything else is a clear error, not a silent default."""
+    """Engines of at most 64 slots take the CUDA NF4 kernel unless MISTRAL_T4_NF4_CUDA_ROWS says
+    otherwise (1..64); anything else is a clear error, not a silent default."""
     from mistral_t4.kernels import NF4_CUDA_ROWS_ENV, cuda_rows, nf4_cuda
 
     monkeypatch.delenv(NF4_CUDA_ROWS_ENV, raising=False)
-    assert cuda_rows() == nf4_cuda.ENGINE_ROWS == 32
-    for value, rows in [("8", 8), ("16", 16), (" 1", 1)]:
+    assert cuda_rows() == nf4_cuda.ENGINE_ROWS == nf4_cuda.MAX_ROWS == 64
+    for value, rows in [("8", 8), ("16", 16), (" 1", 1), ("64", 64)]:
         monkeypatch.setenv(NF4_CUDA_ROWS_ENV, value)
         assert cuda_rows() == rows
-    for value in ["0", "33", "eight", "-4", ""]:
+    for value in ["0", "65", "eight", "-4", ""]:
         monkeypatch.setenv(NF4_CUDA_ROWS_ENV, value)
         with pytest.raises(ValueError, match="MISTRAL_T4_NF4_CUDA_ROWS"):
             cuda_rows()
@@ -535,7 +542,9 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     (208, 320, 27, 2, 6, 2, "nf4_matmul32"), (48, 256, 9, 1, 16, 1, "nf4_matmul32"),
     # the wide 32-row kernel: 8 warps of 4 groups (a tile of 14 in 2 ranges leaves the last warp of each half busy)
     (464, 512, 32, 1, 14, 2, "nf4_matmul32w"), (96, 576, 17, 1, 4, 8, "nf4_matmul32w"), (240, 320, 25, 2, 6, 3, "nf4_matmul32w"),
-    (48, 256, 30, 1, 32, 1, "nf4_matmul32w")])
+    (48, 256, 30, 1, 32, 1, "nf4_matmul32w"),
+    # the 64-row kernel: 8 warps of 2 groups, 8 column tiles (M just past 32, odd M, a split, ranges with idle warps)
+    (240, 384, 64, 1, 8, 2, "nf4_matmul64"), (96, 512, 33, 3, 4, 4, "nf4_matmul64"), (208, 320, 57, 1, 6, 2, "nf4_matmul64")])
 def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
     """The CUDA kernel's index math, run on CPU by `_emulate_cuda_matmul` on fresh random inputs
     (groups past a tile's end, tiles that leave warps half busy or idle, uneven and empty splits,
@@ -556,9 +565,9 @@ def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
     (208, 448, 29, 1, 8, 3, (4, 2, 3, 12)), (96, 320, 32, 2, 6, 4, (4, 2, 3, 12)), (112, 576, 20, 1, 2, 5, (4, 2, 3, 12)),
     (240, 384, 64, 1, 8, 2, (8, 2, 2, 8)), (96, 512, 47, 3, 4, 4, (8, 2, 1, 8))])
 def test_cuda_template_variants_emulated(n, k, m, split_k, tile_groups, slices, variant):
-    """The template's index math for the variants bench/experiments/nf4_ranges.py sweeps next: 12 warps
+    """The template's index math for variants bench/experiments/nf4_ranges.py sweeps: 12 warps
     (ranges of 4 and of 2 warps with idle warps left over: 12 is no power of two) and 8 column tiles
-    (64 rows, a ring of 1 block), on fresh random inputs, against the reference."""
+    (64 rows, rings of 2 (the package's nf4_matmul64) and 1 block), on fresh random inputs, against the reference."""
     from mistral_t4.kernels import nf4_cuda
 
     tiles, groups, ring, warps = variant

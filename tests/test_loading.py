@@ -135,7 +135,7 @@ def test_system_description_records_kernel_settings(monkeypatch):
 
 def test_engine_records_cuda_kernel_plans(tiny_random_path):
     """With the "cuda" NF4 backend the engine's description (benchmark JSON) names the kernel and grid
-    each projection's decode matmul takes at its slot count; other backends and > 32 slots: none."""
+    each projection's decode matmul takes at its slot count; other backends and > 64 slots: none."""
     from mistral_t4.engine import Engine
     from mistral_t4.kernels import nf4_cuda
     from mistral_t4.model import FastMistral
@@ -145,11 +145,12 @@ def test_engine_records_cuda_kernel_plans(tiny_random_path):
     layer = fast.layers[0]
     shapes = {name: (linear.out_features, linear.in_features)
               for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]}
-    for rows in (1, 8, 32):
+    expected = {1: "nf4_matmul", 8: "nf4_matmul", 32: "nf4_matmul32w", 33: "nf4_matmul64", 64: "nf4_matmul64"}
+    for rows, name in expected.items():
         info = Engine(fast, tokenizer, max_batch=rows, max_len=64, compile=False).describe()
         assert info["nf4_cuda_kernels"] == nf4_cuda.describe_plans(rows, shapes, 1)  # CPU: one "SM"
         names = {plan.split()[0] for plan in info["nf4_cuda_kernels"].values()}
-        assert names == {"nf4_matmul32w"} if rows == 32 else names == {"nf4_matmul"}, (rows, names)
-    assert fast.nf4_cuda_plans(33) == {}
+        assert names == {name}, (rows, names)
+    assert fast.nf4_cuda_plans(65) == {}
     reference = FastMistral.from_hf(model)
     assert "nf4_cuda_kernels" not in Engine(reference, tokenizer, max_batch=4, max_len=64, compile=False).describe()

@@ -10,13 +10,13 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
                                  tensor cores and no asynchronous copies to pipeline loads
                                  (both kernels compile there, untested on a T4)
-    sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 32 rows per
+    sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 64 rows per
                                  step (`decode_rows`: the chat, the 32-request benchmark;
-                                 MISTRAL_T4_NF4_CUDA_ROWS sets 1..32), nf4_linear in CUDA
+                                 MISTRAL_T4_NF4_CUDA_ROWS sets 1..64), nf4_linear in CUDA
                                  (nf4_cuda.py, compiled by NVRTC) when it compiles there
                                  and a block may have the shared memory of its table and
                                  sums (127 KB where the window starts at 1 KB, as on the
-                                 H200, 191 KB for the wide 32-row kernel: A100/H100/H200
+                                 H200, 191 KB for the wide 32-row and the 64-row kernels: A100/H100/H200
                                  allow it; sm86/sm89 cards such as the L4 allow 99 KB and
                                  keep Triton)
     MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
@@ -54,7 +54,7 @@ NF4_CUDA_ROWS_ENV = "MISTRAL_T4_NF4_CUDA_ROWS"
 
 _DESCRIPTIONS = {
     ("nf4_linear", "triton"): "Triton NF4 GEMM, dequantized in registers",
-    ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 32 rows, table in shared memory, NVRTC",
+    ("nf4_linear", "cuda"): "CUDA NF4 GEMM for <= 64 rows, table in shared memory, NVRTC",
     ("nf4_linear", "bnb"): "bitsandbytes gemm_4bit",
     ("nf4_linear", "reference"): "dequantize + F.linear",
     ("decode_attention", "triton"): "Triton flash-decoding, GQA, valid positions only, rotary + cache write fused",
@@ -85,10 +85,10 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
 
 
 def cuda_rows() -> int:
-    """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (32),
-    or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS; 8 gives 16- and 32-slot engines the Triton
+    """Engines of at most this many slots take the CUDA NF4 kernel: `nf4_cuda.ENGINE_ROWS` (64),
+    or MISTRAL_T4_NF4_CUDA_ROWS (1..nf4_cuda.MAX_ROWS; 8 gives 16- to 64-slot engines the Triton
     kernel, to compare). On an H200 the CUDA kernels beat Triton per layer at every size (77.2 vs
-    117.6 us at 16 rows, 107.8 vs 135.8 at 32, bench/experiments/nf4_ranges.py) and the 32-request
+    117.6 us at 16 rows, 107.8 vs 135.8 at 32, 156.9 vs 169.4 at 64, bench/experiments/nf4_ranges.py) and the 32-request
     benchmark with them: 4.17 vs 4.98 ms per decode step, 6,252 vs 5,403 output tokens/s in one
     call (bench/results/h200_2026-11-26_s7_rows32/)."""
     from . import nf4_cuda

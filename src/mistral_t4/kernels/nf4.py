@@ -35,11 +35,11 @@ groups whose bytes are the tensor-core registers of each lane; scales in group o
 Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.backend`):
     "triton"    sm80+: `nf4_triton.nf4_matmul` (dequantize in registers + tensor cores) for
                 small batches, `nf4_triton.nf4_dequantize` + cuBLAS for large ones.
-    "cuda"      sm80+ when an engine decodes <= 32 rows (chat, the 32-request benchmark;
-                `kernels.cuda_rows`): `nf4_cuda.nf4_matmul` up to 32 rows (NVRTC; table
+    "cuda"      sm80+ when an engine decodes <= 64 rows (chat, the 32-request benchmark;
+                `kernels.cuda_rows`): `nf4_cuda.nf4_matmul` up to 64 rows (NVRTC; table
                 lookups from shared memory straight into mma.sync registers; 1.5-1.7x the
-                Triton kernel per layer at 1-16 rows, ~1.2x at 32), `nf4_cuda.nf4_dequantize`
-                + cuBLAS above 32 rows.
+                Triton kernel per layer at 1-16 rows, ~1.25x at 32, 1.08x at 64),
+                `nf4_cuda.nf4_dequantize` + cuBLAS above 64 rows.
                 Weights whose shape it cannot take (rows % 16, blocksize != 64) stay "triton".
     "bnb"       sm75 (T4): bitsandbytes' fused 4-bit GEMM, `torch.ops.bitsandbytes.gemm_4bit`.
                 Triton's `tl.dot` has no tensor cores on sm75; bitsandbytes' kernel does.

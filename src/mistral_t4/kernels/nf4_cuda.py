@@ -1,11 +1,12 @@
 """CUDA kernels for NF4 weights at a few rows (sm80+): compiled at run time by NVRTC.
 
 Reference: `nf4.py`. Used by the "cuda" backend, which `kernels.select_kernels` picks on
-sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (32 by default: the
-chat, the interactive mode and the 32-request benchmark; larger engines keep the Triton
-kernel). Kernels for 8, 16 and 32 rows (`KERNELS`: 1, 2, 4 column tiles of 8 rows, and a
-wide 32-row one for large N, `kernel_for`); with K ranges per CTA they beat the Triton kernel
-at every size up to 32 rows.
+sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (64 by default: the
+chat, the interactive mode, the 32-request benchmark and the sweep up to 64; larger engines
+keep the Triton kernel). Kernels for 8, 16, 32 and 64 rows (`KERNELS`: 1, 2, 4, 8 column tiles
+of 8 rows, and a wide 32-row one for large N, `kernel_for`); with K ranges per CTA they beat
+the Triton kernel per layer at every size up to 64 rows (at 64 by 7%: 156.9 vs 169.4 us;
+qkv alone is 3% slower, 25.2 vs 24.4).
 
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
@@ -115,11 +116,14 @@ KERNELS = (
     # 8 warps of 4 groups (255 registers): each x fragment serves 4 groups, a quarter of the narrow kernel's L1 loads
     # per weight, which pays where N gives each CTA enough groups (`kernel_for`)
     Kernel("nf4_matmul32w", 32, 4, 4, 2, 8),
+    # 64 rows: 8 warps of 2 groups, 8 column tiles, a ring of 2 (255 registers); per layer 156.9 us against
+    # Triton's 169.4 (H200, bench/experiments/nf4_ranges_rows64_h200_2026-11-27.json)
+    Kernel("nf4_matmul64", 64, 8, 2, 2, 8),
 )
 MAX_ROWS = max(kernel.rows for kernel in KERNELS)
 GROUPS_PER_WARP = KERNELS[0].groups  # the 8-row kernel's (the experiments build on it)
 REDUCE_BYTES = max(k.reduce_bytes for k in KERNELS if k.warps == WARPS)  # the narrow kernels' (below the table on sm90)
-ENGINE_ROWS = 32  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: 1 to MAX_ROWS)
+ENGINE_ROWS = 64  # engines of at most this many slots take these kernels (MISTRAL_T4_NF4_CUDA_ROWS: 1 to MAX_ROWS)
 
 
 def kernel_for(m: int, n: int, sm_count: int) -> Kernel:
