@@ -13,7 +13,8 @@ split, ranges) per variant, the Triton kernel, and the kernel of `--previous` (a
 nf4_cuda.py, e.g. from `git show REV:src/...`) under its own rule (times only: it reads the
 fragments of this version's layout). At 64 rows (where the package takes Triton) only the
 sweep: (8, 2, 2, 8) and (8, 2, 1, 8) are candidates for a 64-row kernel; (4, 2, 3, 12) tries 12
-warps of 2 groups at 32 rows (these three have not run on a GPU yet: session 7 ran out of device time).
+warps of 2 groups at 32 rows. (Since session 8 the package has (8, 2, 2, 8) as `nf4_matmul64`
+and times it at 64 rows too.)
 
 Results (H200, CUDA-graph replay with L2 flushed):
   * nf4_ranges_h200_2026-11-26.json (previous = 841fbb9's kernel, one K range per CTA, keyed
@@ -34,6 +35,12 @@ Results (H200, CUDA-graph replay with L2 flushed):
     takes qkv 17.7 (4, 1, 8) and gate_up 47.6 (16, 1, 2) / 48.5 (14, 1, 2) against 19.6 / 57.4 for
     the package's (4, 1, 4, 16); o and down stay with it. The package took it for N >= 2 groups
     per SM (`nf4_cuda.kernel_for`).
+  * nf4_ranges_rows64_h200_2026-11-27.json (the 12-warp and 64-row candidates): at 64 rows
+    (8, 2, 2, 8) 15.5 / 25.2 / 77.7 / 38.5 us for o / qkv / gate_up / down against Triton's
+    19.7 / 24.4 / 78.7 / 46.6 (per layer 156.9 vs 169.4), with the geometries the package's rule
+    gives; (8, 2, 1, 8) the same within 1%. The package took (8, 2, 2, 8): 64 requests 8,080 ->
+    8,525 output tok/s (bench/results/h200_2026-11-27_s8_rows64/). At 32 rows (4, 2, 3, 12) gains
+    only on down (27.0 vs 28.4 us) and loses on gate_up (55.4 vs 48.8): not taken.
 """
 import argparse
 import importlib.util
