@@ -18,6 +18,9 @@ writes its unnormalized acc with its m and l, and a second small kernel merges t
 The split count depends only on shapes (static under CUDA graphs), never on `lengths`.
 A program whose chunk lies beyond its row's length, or before its sliding window, loops zero
 times and writes empty statistics (m = -inf, l = 0), which the merge weighs by 0.
+(Merging in the last program of each row and KV head instead, with a counter per pair, saved the
+second launch but not time: batch 1 2.508 / 2.512 -> 2.516 / 2.515 ms per token, W32 the same;
+H200, bench/results/h200_2026-11-27_s8_merge_in_kernel/; dropped.)
 
 `decode_attention_rotary` (ROTARY): the same kernel also does what the decode step did in three
 kernels before it: it reads q, k and v of the new token straight from the qkv projection's
