@@ -301,10 +301,11 @@ class FastMistral(nn.Module):
         """
         batch = tokens.shape[0]
         x = F.embedding(tokens, self.embed)  # (B, hidden)
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
-        lengths = (positions + 1).to(torch.int32)
         masks = self.adapter_masks(adapter_ids, 1)
         reference = self.kernel_choice.get("decode_attention") == "reference"
+        if reference:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
+            lengths = (positions + 1).to(torch.int32)
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, self.eps)
             qkv = layer.qkv(h, masks)

@@ -31,7 +31,7 @@ stops before it (so no program reads a cache entry written in the same launch). 
 without multiply-add contraction, which otherwise left k one fp16 ulp off eager's in 16% of
 elements; without it both paths leave the same cache bit for bit (H200, `bench/gpu_kernels.py`).
 Measured (H200, bench/results/h200_2026-11-27_s8_rotary_attention/): a decode step's kernels
-at 1 row 9 -> 6 per layer besides the matmuls (inductor's elementwise kernels 316 -> 192 us
+at 1 row 9 -> 5 per layer besides the matmuls (inductor's elementwise kernels 316 -> 192 us
 per step, gaps 156 -> 87 us); batch 1 2.665 / 2.665 -> 2.512 / 2.526 ms per token, W32
 6,307 / 6,345 -> 6,426 output tokens/s (before / after, one call each).
 """
