@@ -411,8 +411,9 @@ def bench_attention(device, dtype, time_ms, smoke, sweep):
 
 def rotary_attention(q, k, v, lengths, scale, time_ms):
     """The decode step's attention as one launch (`decode_attention_rotary`: rotary, cache write, attention)
-    against the three steps it replaces (rotate, an indexed cache write, `decode_attention`): error against
-    the fp32 reference, time, and whether both leave the same cache."""
+    against the same steps in eager PyTorch (rotate, an indexed cache write, `decode_attention`; the compiled
+    decode step ran them as three inductor kernels and the attention): error against the fp32 reference,
+    time, and whether both leave the same cache."""
     batch, n_heads, head_dim = q.shape
     n_kv_heads, max_len = k.shape[1], k.shape[2]
     qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, device=q.device, dtype=q.dtype)
