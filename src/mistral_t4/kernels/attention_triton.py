@@ -218,14 +218,13 @@ def decode_attention(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_len: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    **tiles,
 ) -> torch.Tensor:
-    """q (batch, n_heads, head_dim) -> (batch, n_heads, head_dim); see `attention.py`."""
+    """q (batch, n_heads, head_dim) -> (batch, n_heads, head_dim); see `attention.py`. `tiles`: block_len,
+    num_warps, num_stages (`_launch`'s defaults otherwise)."""
     assert q.stride(2) == 1
     return _launch(q, q.shape[1], q.stride(0), q.stride(1), k_cache, v_cache, lengths, None, None, scale,
-                   sliding_window, out, num_splits, block_len, num_warps, num_stages)
+                   sliding_window, out, num_splits, **tiles)
 
 
 def decode_attention_rotary(
@@ -240,22 +239,21 @@ def decode_attention_rotary(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_len: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    **tiles,
 ) -> torch.Tensor:
     """qkv (batch, (n_heads + 2 n_kv_heads) head_dim), positions (batch,) -> (batch, n_heads, head_dim),
-    and the new tokens' rotated keys and values written to the cache at their positions; see `attention.py`."""
+    and the new tokens' rotated keys and values written to the cache at their positions; see `attention.py`.
+    `tiles` as for `decode_attention`."""
     head_dim, n_kv_heads = k_cache.shape[3], k_cache.shape[1]
     assert qkv.dim() == 2 and qkv.shape[1] == (n_heads + 2 * n_kv_heads) * head_dim and qkv.stride(1) == 1
     assert cos.shape == sin.shape == (k_cache.shape[2], head_dim) and cos.is_contiguous() and sin.is_contiguous()
     assert cos.dtype == sin.dtype == qkv.dtype and positions.shape == (qkv.shape[0],)
     return _launch(qkv, n_heads, qkv.stride(0), head_dim, k_cache, v_cache, positions, cos, sin, scale,
-                   sliding_window, out, num_splits, block_len, num_warps, num_stages)
+                   sliding_window, out, num_splits, **tiles)
 
 
 def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, sin, scale, sliding_window, out,
-            num_splits, block_len, num_warps, num_stages):
+            num_splits=None, block_len=64, num_warps=4, num_stages=2):
     """The attention kernel (ROTARY when cos / sin are given: q is the qkv output, lengths the positions)
     and, with splits, the merge."""
     batch, head_dim = q.shape[0], k_cache.shape[3]
