@@ -52,15 +52,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (column tiles, groups per warp, ring, warps), as nf4_wide.py: the package's 8-row kernel first
-V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8), (4, 4, 2, 8),
-     (4, 2, 3, 12),  # 32 rows, 12 warps of 2 groups (165 registers): more warps to hide latency than the wide kernel
-     (8, 2, 2, 8), (8, 2, 1, 8)]  # 64 rows (255 / 247 registers), where the package still takes Triton
+# (a fifth entry: x slots per warp in shared memory, the template's XS; 0 when left out)
+V = [(1, 2, 4, 16), (1, 2, 4, 16, 2), (4, 1, 4, 16), (4, 1, 4, 16, 1),
+     (4, 4, 2, 8), (4, 4, 2, 8, 2), (4, 4, 2, 8, 3), (4, 2, 4, 8, 2), (4, 2, 4, 8, 3),
+     (4, 2, 3, 12, 2),  # 32 rows, 12 warps of 2 groups
+     (8, 2, 2, 8), (8, 2, 2, 8, 1)]  # 64 rows (the package's nf4_matmul64, and with x through one slot)
 ROWS = (1, 8, 16, 32, 64)
 
 
 def configs(v, groups, blocks, sms):
     """(groups per CTA, split, K ranges) worth timing for variant v: half a wave to two waves."""
-    _, ng, _, warps = v
+    ng, warps = v[1], v[3]
     for tile in range(2, warps * ng + 1, 2):
         for split in (1, 2, 4, 8, 16):
             ctas = -(-groups // tile) * split
@@ -75,7 +77,9 @@ def configs(v, groups, blocks, sms):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x to time, e.g. 8,32,64")
     args = parser.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     import nf4_wide
@@ -86,7 +90,9 @@ def main():
     dev = torch.device("cuda")
     mod = nf4_cuda._Module(dev, nf4_wide.source(V))
     table_shared = nf4_cuda.table_shared_bytes(mod)
-    shared = {v: nf4_cuda.matmul_shared_bytes(table_shared, v[3] * v[1] * v[0] * 512) for v in V}  # + the ranges' sums
+    # + the ranges' sums and x's slots (a fifth entry of v: slots per warp)
+    shared = {v: nf4_cuda.matmul_shared_bytes(table_shared, v[3] * v[1] * v[0] * 512, v[3] * (*v, 0)[4] * v[0] * 1024)
+              for v in V}
     sms = multiprocessor_count(dev)
     time_ms = timer(dev)
     previous = None
@@ -145,7 +151,7 @@ def main():
     for name, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
-        for m in ROWS:
+        for m in rows:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             row = dict(shape=name, m=m)
             row["triton_ms"] = time_ms(lambda: nf4_triton.nf4_matmul(x, wt.packed, wt.absmax, wt.code_fp16,
