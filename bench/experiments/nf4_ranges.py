@@ -1,6 +1,6 @@
 """Experiment: the CUDA NF4 kernel with K ranges per CTA, 1 to 32 rows, against Triton and an older version.
 
-    python bench/experiments/nf4_ranges.py [--previous OLD/nf4_cuda.py]   # sm80+; writes $OUT/nf4_ranges.json
+    python bench/experiments/nf4_ranges.py [--previous OLD/nf4_cuda.py] [--rows 8,32,64]   # sm80+; writes $OUT/nf4_ranges.json
 
 The package's kernel (`mistral_t4.kernels.nf4_cuda`) lets a CTA's warps cut its K blocks into
 ranges (`slices`) whose sums meet in shared memory, instead of splitting K across CTAs whose
@@ -41,6 +41,13 @@ Results (H200, CUDA-graph replay with L2 flushed):
     gives; (8, 2, 1, 8) the same within 1%. The package took (8, 2, 2, 8): 64 requests 8,080 ->
     8,525 output tok/s (bench/results/h200_2026-11-27_s8_rows64/). At 32 rows (4, 2, 3, 12) gains
     only on down (27.0 vs 28.4 us) and loses on gate_up (55.4 vs 48.8): not taken.
+  * nf4_ranges_xslots_h200_2026-11-27.json (the trial at commit ff5a831, whose template had a fifth
+    parameter XS: x reaching the warps through XS slots per warp in shared memory, filled by cp.async
+    XS - 1 blocks ahead, instead of loads from global memory at the start of each block; --rows 8,32,64):
+    is the 32-row kernel waiting on x? Hardly. Per layer at 32 rows the sweep's best 104.0 us against
+    the package's 106.8 (qkv 17.0 vs 17.5, gate_up 48.1 vs 48.7 with 3 slots; down 26.8 vs 28.4 with
+    12 warps of 2 groups and 2 slots); at 8 rows the same within 1%; at 64 rows one slot (no lead)
+    loses (18.8 vs 15.8 us on o). 2.6% at 32 rows for two more kernels: not taken.
 """
 import argparse
 import importlib.util
@@ -52,11 +59,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (column tiles, groups per warp, ring, warps), as nf4_wide.py: the package's 8-row kernel first
-# (a fifth entry: x slots per warp in shared memory, the template's XS; 0 when left out)
-V = [(1, 2, 4, 16), (1, 2, 4, 16, 2), (4, 1, 4, 16), (4, 1, 4, 16, 1),
-     (4, 4, 2, 8), (4, 4, 2, 8, 2), (4, 4, 2, 8, 3), (4, 2, 4, 8, 2), (4, 2, 4, 8, 3),
-     (4, 2, 3, 12, 2),  # 32 rows, 12 warps of 2 groups
-     (8, 2, 2, 8), (8, 2, 2, 8, 1)]  # 64 rows (the package's nf4_matmul64, and with x through one slot)
+V = [(1, 2, 4, 16), (2, 2, 4, 16), (4, 1, 4, 16), (4, 2, 4, 8), (4, 4, 2, 8),
+     (4, 2, 3, 12),  # 32 rows, 12 warps of 2 groups (165 registers): more warps to hide latency than the wide kernel
+     (8, 2, 2, 8), (8, 2, 1, 8)]  # 64 rows (255 / 247 registers)
 ROWS = (1, 8, 16, 32, 64)
 
 
@@ -90,9 +95,7 @@ def main():
     dev = torch.device("cuda")
     mod = nf4_cuda._Module(dev, nf4_wide.source(V))
     table_shared = nf4_cuda.table_shared_bytes(mod)
-    # + the ranges' sums and x's slots (a fifth entry of v: slots per warp)
-    shared = {v: nf4_cuda.matmul_shared_bytes(table_shared, v[3] * v[1] * v[0] * 512, v[3] * (*v, 0)[4] * v[0] * 1024)
-              for v in V}
+    shared = {v: nf4_cuda.matmul_shared_bytes(table_shared, v[3] * v[1] * v[0] * 512) for v in V}  # + the ranges' sums
     sms = multiprocessor_count(dev)
     time_ms = timer(dev)
     previous = None

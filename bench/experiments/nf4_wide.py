@@ -59,7 +59,7 @@ def source(variants=VARIANTS):
     """The package's kernel source, its template instantiated for each variant."""
     from mistral_t4.kernels import nf4_cuda
 
-    return nf4_cuda.SOURCE + "".join(f"NF4_MATMUL({name(v)}, {', '.join(map(str, (*v, 0)[:5]))})\n" for v in variants)
+    return nf4_cuda.SOURCE + "".join(f"NF4_MATMUL({name(v)}, {', '.join(map(str, v))})\n" for v in variants)
 
 
 def name(v):

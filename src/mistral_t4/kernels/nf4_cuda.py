@@ -95,8 +95,7 @@ WARPS = 16  # warps per CTA of the narrow kernels (one CTA per SM)
 
 class Kernel(NamedTuple):
     """One instance of the template: up to `rows` rows of x, `tiles` column tiles of 8 rows, `groups`
-    row groups of 16 weight rows per warp (sharing x's fragments), a ring of `ring` blocks, `warps` warps,
-    `xslots` slots per warp of x staged in shared memory (0: x loaded straight from global memory)."""
+    row groups of 16 weight rows per warp (sharing x's fragments), a ring of `ring` blocks, `warps` warps."""
 
     name: str
     rows: int
@@ -104,15 +103,10 @@ class Kernel(NamedTuple):
     groups: int
     ring: int
     warps: int
-    xslots: int = 0
 
     @property
     def reduce_bytes(self) -> int:  # the sums of a CTA's K ranges in shared memory
         return self.warps * self.groups * self.tiles * 512
-
-    @property
-    def x_bytes(self) -> int:  # the x slots, after the table
-        return self.warps * self.xslots * self.tiles * 1024
 
 
 KERNELS = (
@@ -170,30 +164,6 @@ __device__ __forceinline__ const uint4* x_lane(const u16* x, int row, int stride
 __device__ __forceinline__ void ld_x_block(const uint4* xp, int b, uint4& lo, uint4& hi) {
     lo = ld_x(xp + b * 8);
     hi = ld_x(xp + b * 8 + 1);
-}
-// x staged in shared memory (the kernels' XS > 0): a slot holds one K block of x's 8 NT rows, row r's 128 bytes
-// at 128 r with its 16-byte chunk j at (j ^ (r & 1)): lanes g and g + 1 of a load phase then hit other banks.
-// Filled by cp.async (L2 only) from x[min(r, M - 1)][64 b ..], one commit group per fill (empty past kb1).
-template <int NT>
-__device__ __forceinline__ void x_slot_fill(unsigned int slot, const u16* x, int M, int stride_xm, int b, int kb1, int lane) {
-    if (b < kb1) {
-        #pragma unroll
-        for (int i = lane; i < NT * 64; i += 32) {
-            const int r = i >> 3, j = i & 7;
-            const u16* src = x + (size_t)min(r, M - 1) * stride_xm + b * 64 + j * 8;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                         :: "r"(slot + r * 128 + ((j ^ (r & 1)) << 4)), "l"(src) : "memory");
-        }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-// lane (g, c)'s x values of row r for a block, as ld_x_block: chunks 2c and 2c + 1 of the row
-__device__ __forceinline__ void x_slot_read(unsigned int slot, int r, int c, uint4& lo, uint4& hi) {
-    const unsigned int row = slot + r * 128, flip = r & 1;
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(lo.x), "=r"(lo.y), "=r"(lo.z), "=r"(lo.w)
-                 : "r"(row + (((2 * c) ^ flip) << 4)));
-    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(hi.x), "=r"(hi.y), "=r"(hi.z), "=r"(hi.w)
-                 : "r"(row + (((2 * c + 1) ^ flip) << 4)));
 }
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -324,10 +294,7 @@ __device__ __forceinline__ void nf4_matmul_store(
 // meet in shared memory (range order: the same sum every call). Dynamic shared memory: table_shared_bytes,
 // and REDUCE_BYTES more when slices > 1 unless the window has them below the table. counters: >= gridDim.x
 // ints, zero on entry and on exit.
-// XS > 0: x reaches the warps through shared memory, XS slots per warp after the table (x_slot_fill), each
-// filled by cp.async XS - 1 blocks ahead of its use, so that x's loads (L2 hits, every SM reads all of its
-// K range) wait under the blocks before instead of at the start of their own; XS = 0: straight from global.
-template <int NT, int NG, int D, int WARPS, int XS>
+template <int NT, int NG, int D, int WARPS>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -338,12 +305,10 @@ __device__ __forceinline__ void nf4_matmul_body(
     const u32 table = (base + 0xFFFFu) & ~0xFFFFu;  // 256 rows of 256 bytes on a 64 KB boundary
     // the ranges' sums (WARPS NG NT 4 floats per lane): below the table where the window has room (sm90), else after it
     const u32 reduce = table - base >= WARPS * NG * NT * 512 ? base : table + 65536u;
-    const u32 slots = table + 65536u + (u32)warp * (XS * NT * 1024);  // this warp's x slots (XS > 0), after the table
     {
         u32 size;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
-        u32 needed = table + 65536u + WARPS * XS * NT * 1024;
-        if (slices > 1 && reduce != base) needed = max(needed, reduce + WARPS * NG * NT * 512);
+        const u32 needed = slices > 1 && reduce != base ? reduce + WARPS * NG * NT * 512 : table + 65536u;
         if (needed > base + size) __trap();  // the host asked for too little
     }
     const int per_slice = WARPS / slices;
@@ -390,29 +355,14 @@ __device__ __forceinline__ void nf4_matmul_body(
         const uint4* xp[NT];  // lane row g of the B tile is x's row 8 nt + g; rows past M read row M - 1:
         #pragma unroll        // they only make output columns that are never stored
         for (int nt = 0; nt < NT; nt++) xp[nt] = x_lane(x, min(nt * 8 + g, M - 1), stride_xm, c);
-        if (XS > 0) {
-            #pragma unroll
-            for (int s = 0; s + 1 < XS; s++) x_slot_fill<NT>(slots + s * NT * 1024, x, M, stride_xm, kb0 + s, kb1, lane);
-        }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
             #pragma unroll
             for (int d = 0; d < D; d++) {
                 const int b = b0 + d;
                 if (b < kb1) {
                     uint4 xv[NT][2];
-                    if (XS > 0) {  // fill block b + XS - 1 into the slot block b - 1 left, then wait for block b's
-                        const int i = b - kb0;
-                        __syncwarp();  // every lane has read block b - 1's slot
-                        x_slot_fill<NT>(slots + ((i + XS - 1) % XS) * NT * 1024, x, M, stride_xm, b + XS - 1, kb1, lane);
-                        asm volatile("cp.async.wait_group %0;" :: "n"(XS - 1) : "memory");
-                        __syncwarp();  // and every lane's copies of block b are visible to all
-                        const u32 slot = slots + (i % XS) * NT * 1024;
-                        #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) x_slot_read(slot, nt * 8 + g, c, xv[nt][0], xv[nt][1]);
-                    } else {
-                        #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1]);
-                    }
+                    #pragma unroll
+                    for (int nt = 0; nt < NT; nt++) ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1]);
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
                         float block[NT][4];  // this block's sums, scaled once below
@@ -450,7 +400,6 @@ __device__ __forceinline__ void nf4_matmul_body(
     }
     dependents_launch();
     if (slices > 1) {  // range 0's warps add the other ranges' sums to theirs, in range order
-        if (XS > 0 && reduce != base) __syncthreads();  // the sums overwrite the x slots: every warp is done with them
         if (tile.slice > 0) {
             #pragma unroll
             for (int q = 0; q < NG; q++)
@@ -482,12 +431,12 @@ __device__ __forceinline__ void nf4_matmul_body(
                                     tile.slice == 0 ? G0 : end, flag);
 }
 
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS, XS) \
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k, int tile_groups, int slices) { \
-    nf4_matmul_body<NT, NG, D, WARPS, XS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, \
-                                          split_k, tile_groups, slices); }
+    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, \
+                                      tile_groups, slices); }
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -530,7 +479,7 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 
 # the package's instances (`KERNELS`)
-SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps}, {k.xslots})\n" for k in KERNELS)
+SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n" for k in KERNELS)
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -731,18 +680,15 @@ def _module_cached(index: int) -> _Module:
     for name in [kernel.name for kernel in KERNELS] + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
-    module.shared = {kernel.name: matmul_shared_bytes(module.table_shared, kernel.reduce_bytes, kernel.x_bytes)
-                     for kernel in KERNELS}
+    module.shared = {kernel.name: matmul_shared_bytes(module.table_shared, kernel.reduce_bytes) for kernel in KERNELS}
     return module
 
 
-def matmul_shared_bytes(table_shared: int, reduce_bytes: int = REDUCE_BYTES, x_bytes: int = 0) -> int:
+def matmul_shared_bytes(table_shared: int, reduce_bytes: int = REDUCE_BYTES) -> int:
     """Dynamic shared memory of the matmul kernels: the table's, and the K ranges' sums after it
     unless they fit in the window below it (they do on sm90: 63 KB). `reduce_bytes`: the sums'
-    size, WARPS x groups per warp x column tiles x 512 (the package's kernels: REDUCE_BYTES).
-    `x_bytes`: x's slots (`Kernel.x_bytes`), after the table too (the sums reuse them)."""
-    after = 0 if table_shared - 65536 >= reduce_bytes else reduce_bytes
-    return table_shared + max(after, x_bytes)
+    size, WARPS x groups per warp x column tiles x 512 (the package's kernels: REDUCE_BYTES)."""
+    return table_shared + (0 if table_shared - 65536 >= reduce_bytes else reduce_bytes)
 
 
 def table_shared_bytes(module: _Module) -> int:
