@@ -103,6 +103,17 @@ def _redeliver_lost_ctrl_c(unraisable) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def _forget_interrupt_seen_by_exec() -> None:
+    """Clear CPython's flag for a KeyboardInterrupt that left code run by `exec` of a string.
+
+    When a Ctrl-C lands while `exec` runs a string (dataclasses and namedtuple build methods so,
+    e.g. while transformers imports), CPython sets a flag saying a KeyboardInterrupt went unhandled
+    and, when `python -m` finishes, ends the process by SIGINT whatever `main` returned, even
+    though the exception was caught here. Each `exec` of a string clears the flag before it runs
+    and sets it only if a KeyboardInterrupt leaves it: an empty one leaves it clear."""
+    exec("pass", {})
+
+
 def main(argv: list[str] | None = None) -> int:
     previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver_lost_ctrl_c
     try:
@@ -117,6 +128,7 @@ def _main(argv: list[str] | None) -> int:
         args = build_parser().parse_args(argv)  # inside the try: building the parser imports the rest (slow)
         return _bench(args) if args.command == "bench" else _chat(args)
     except KeyboardInterrupt:  # Ctrl-C: a short message, no traceback; open workers were closed on the way out
+        _forget_interrupt_seen_by_exec()
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (ValueError, MemoryError, OSError) as error:
