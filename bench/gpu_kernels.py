@@ -9,6 +9,9 @@ them: bitsandbytes' kernel (the sm75 backend), dequantize + cuBLAS, and fp16 cuB
 dense weight (4x the bytes: the baseline to beat).
 Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions; beside it the
 decode step's fused rotary + cache write + attention against the three steps it replaces.
+The gate/up projection with SiLU(gate) * up in the CUDA kernel's epilogue (`nf4_swiglu`) against
+the matmul then `silu_mul`, at 1-64 rows and with split-K (the partials' path): error against fp32,
+how many outputs differ from the two-step fp16 result, and time.
 A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
 Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
 one CUDA graph and matches eager; split-K gives bit-identical results call after call.
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 import triton
 
 from mistral_t4.kernels import NF4Weight, decode_attention, decode_attention_reference, nf4_linear
+from mistral_t4.kernels.nf4 import nf4_swiglu, silu_mul
 from mistral_t4.kernels.attention import decode_attention_rotary, decode_attention_rotary_reference, rotate
 from mistral_t4.kernels import attention_triton, multiprocessor_count, nf4_cuda, nf4_triton
 
@@ -168,6 +172,39 @@ def bench_nf4(shapes, rows, device, dtype, time_ms):
             results.append(row)
             labels = [lb for lb in candidates if lb in row]
             print(f"{name:<22} M={m:<5}" + "".join(f" | {lb}: {fmt(row[lb])}" for lb in labels), flush=True)
+    return results
+
+
+def bench_swiglu(device, dtype, time_ms, smoke):
+    """SiLU(gate) * up in the matmul's epilogue (`nf4_swiglu`, "cuda" backend) against the two steps."""
+    shapes = [("smoke 256->2x96", 256, 192)] if smoke else [("gate_up 4096->28672", 4096, 28672), ("odd 576->2x208", 576, 416)]
+    results = []
+    for name, k, n in shapes:
+        w = NF4Weight.from_bnb(random_param(k, n, device), backend="cuda")
+        w_fp32 = w.dequantize(torch.float32)
+        for m, split in [(1, None), (5, None), (8, None), (13, None), (16, None), (24, None), (32, None), (40, None),
+                         (64, None), (8, 4), (32, 3), (64, 2)]:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = silu_mul(x.float() @ w_fp32.T)
+            steps = silu_mul(nf4_linear(x, w))
+            if split is None:
+                fused = nf4_swiglu(x, w)
+            elif not nf4_cuda.swiglu_supported(m, n, multiprocessor_count(device)):
+                continue  # the kernel for these rows has no SwiGLU instance (nf4_swiglu takes the two steps)
+            else:  # a forced split: the last CTA of each tile applies the epilogue to the summed halves
+                fused = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, split_k=split, swiglu=True)
+            torch.cuda.synchronize()
+            row = dict(shape=name, m=m, split_k=split, rel_err=rel_error(fused, ref), steps_rel_err=rel_error(steps, ref),
+                       differ_from_steps=int((fused != steps).sum()), outputs=fused.numel(),
+                       max_abs_diff=(fused.float() - steps.float()).abs().max().item(),
+                       counters_zero=int(w.tile_counters.abs().sum()) == 0)
+            if split is None:
+                row["fused_ms"] = time_ms(lambda: nf4_swiglu(x, w))
+                row["steps_ms"] = time_ms(lambda: silu_mul(nf4_linear(x, w)))
+            results.append(row)
+            print(f"{name:<22} M={m:<3} split {split}: err {row['rel_err']:.1e} (steps {row['steps_rel_err']:.1e}), "
+                  f"{row['differ_from_steps']}/{row['outputs']} differ from the steps (max {row['max_abs_diff']:.1e})"
+                  + (f", {row['fused_ms'] * 1e3:.1f} vs {row['steps_ms'] * 1e3:.1f} us" if split is None else ""), flush=True)
     return results
 
 
@@ -493,7 +530,7 @@ def main():
     parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
     parser.add_argument("--nf4-variants", action="store_true", help="only: NF4 kernel variants on the decode shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, decode_step, compile, sweep)")
+    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, swiglu, decode_step, compile, sweep)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16
@@ -514,6 +551,7 @@ def main():
         "attention": lambda: bench_attention(device, dtype, time_ms, args.smoke, args.sweep and device.type == "cuda"),
     }
     if device.type == "cuda":
+        sections["swiglu"] = lambda: bench_swiglu(device, dtype, time_ms, args.smoke)
         sections["decode_step"] = lambda: bench_decode_step(device, dtype, time_ms)
         sections["compile"] = lambda: check_compile_and_determinism(device, dtype)
     if args.nf4_variants:

@@ -310,6 +310,13 @@ def test_cuda_geometry_rule():
                                                "gate_up": "nf4_matmul64 (14, 1, 1)", "down": "nf4_matmul64 (2, 1, 8)"}
     assert describe_plans(1, shapes, 132) == {"qkv": "nf4_matmul (4, 1, 8)", "o": "nf4_matmul (2, 1, 16)",
                                               "gate_up": "nf4_matmul (14, 1, 2)", "down": "nf4_matmul (2, 1, 16)"}
+    # SiLU(gate) * up in the epilogue: the same warps and ranges over half the output groups; the narrow
+    # 32-row kernel (1 group per warp) has no such instance
+    swiglu = frozenset({"gate_up"})
+    assert {rows: describe_plans(rows, shapes, 132, swiglu)["gate_up"] for rows in (1, 16, 32, 64)} == {
+        1: "nf4_matmul_swiglu (7, 1, 2)", 16: "nf4_matmul16_swiglu (7, 1, 2)", 32: "nf4_matmul32w_swiglu (7, 1, 2)",
+        64: "nf4_matmul64_swiglu (7, 1, 1)"}
+    assert describe_plans(32, {"gate_up": (2048, 4096)}, 132, swiglu) == {"gate_up": "nf4_matmul32 (2, 1, 8)"}
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
                       (4096, 4096, 114), (960, 576, 40)]:
         for groups_per_warp, warps in {(GROUPS_PER_WARP, WARPS), (1, WARPS)} | {(k.groups, k.warps) for k in KERNELS}:
@@ -338,8 +345,8 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    names = [kernel.name for kernel in nf4_cuda.KERNELS]
-    assert all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
+    names = [kernel.name for kernel in nf4_cuda.KERNELS] + [k.name + "_swiglu" for k in nf4_cuda.KERNELS if k.swiglu]
+    assert len(names) == 9 and all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
     assert len(re.findall(r"LOCAL:0\b", usage)) == len(names) + 2 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
@@ -416,15 +423,24 @@ def test_cuda_table_address_is_one_prmt(window_start):
     assert "0x7604" in nf4_cuda.SOURCE and "0x7634" in nf4_cuda.SOURCE
 
 
+def _swiglu_fp16(gate, up):
+    """The kernel's epilogue (`swiglu` in nf4_cuda.SOURCE): both sums rounded to fp16, SiLU in fp32 rounded, the product rounded."""
+    g = np.float32(np.float16(gate))
+    silu = np.float16(g / (np.float32(1) + np.exp(-g)))
+    return np.float16(np.float32(silu) * np.float32(np.float16(up))).astype(np.float64)
+
+
 def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, slices=1, kernel="nf4_matmul",
-                         window_start=1024):
+                         window_start=1024, swiglu=False):
     """nf4_cuda's kernel `kernel` (a name in `KERNELS`, or any `Kernel` instance of the template: its
     column tiles of 8 rows, row groups per warp and warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
     column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
     (`slices`) and their sums, the stores and the split-K sum in split order. Products and sums
-    in fp64 (the tensor core's order differs)."""
+    in fp64 (the tensor core's order differs). `swiglu`: the `_swiglu` instance for a fused gate/up
+    weight, tiles in output groups, each warp's first half of groups gate's and second half up's
+    (N / 32 groups on), SiLU(gate) * up in the epilogue (`_swiglu_fp16`); -> (M, N / 2)."""
     from mistral_t4.kernels import nf4_cuda
 
     spec = kernel if isinstance(kernel, nf4_cuda.Kernel) else next(s for s in nf4_cuda.KERNELS if s.name == kernel)
@@ -463,12 +479,14 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     def prmt_lanes(word, selector):
         return np.array([prmt(int(w), int(lb), selector) for w, lb in zip(word, lane_base)], dtype=np.int64)
 
-    out = np.full((m, n), np.nan)
+    outputs = n // 2 if swiglu else n
+    per_warp = groups_per_warp // 2 if swiglu else groups_per_warp  # output groups per warp
+    out = np.full((m, outputs), np.nan)
     partial = np.zeros((split_k, m, n))
     per = -(-nb // split_k)
-    for bx in range(-(-n_groups // tile_groups)):
+    for bx in range(-(-(outputs // 16) // tile_groups)):
         first = bx * tile_groups
-        end = min(n_groups, first + tile_groups)
+        end = min(outputs // 16, first + tile_groups)
         for by in range(split_k):
             kb0, kb1 = by * per, min(by * per + per, nb)
             per_slice = warps // slices  # nf4_tile: warp w takes K range w // per_slice, groups of w % per_slice
@@ -476,7 +494,7 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
             sums = {}
             for warp in range(warps):
                 s = warp // per_slice
-                g0 = first + (warp - s * per_slice) * groups_per_warp if s < slices else end
+                g0 = first + (warp - s * per_slice) * per_warp if s < slices else end
                 r0 = min(kb0 + s * in_slice, kb1) if slices > 1 else kb0
                 r1 = min(r0 + in_slice, kb1) if slices > 1 else kb1
                 acc = np.zeros((groups_per_warp, column_tiles, 32, 4))
@@ -491,6 +509,8 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                                                 for l in range(32)]))
                         for q in range(groups_per_warp):
                             gq = min(g0 + q, end - 1)
+                            if swiglu and q >= per_warp:  # the up rows of output group g0 + q - per_warp
+                                gq = min(g0 + q - per_warp, end - 1) + n_groups // 2
                             block = np.zeros((column_tiles, 32, 4))
                             for t in range(4):
                                 a = [lds(prmt_lanes(words[gq, b, :, t], selectors[j])) for j in range(4)]
@@ -518,19 +538,26 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                     continue
                 for other in range(1, slices):
                     acc = acc + sums[warp + other * per_slice][2]
-                for q in range(groups_per_warp):
+                for q in range(per_warp):
                     if g0 + q >= end:
                         break
                     for nt in range(column_tiles):
                         for i in range(4):
                             mm, nn = 8 * nt + 2 * c + (i & 1), (g0 + q) * 16 + g + 8 * (i >> 1)
                             keep = mm < m
-                            target = out if split_k == 1 else partial[by]
-                            target[mm[keep], nn[keep]] = acc[q, nt][keep, i]
+                            if split_k > 1:  # partials of both halves: gate at n, up at n + N / 2
+                                partial[by][mm[keep], nn[keep]] = acc[q, nt][keep, i]
+                                if swiglu:
+                                    partial[by][mm[keep], nn[keep] + outputs] = acc[q + per_warp, nt][keep, i]
+                            elif swiglu:
+                                out[mm[keep], nn[keep]] = _swiglu_fp16(acc[q, nt][keep, i], acc[q + per_warp, nt][keep, i])
+                            else:
+                                out[mm[keep], nn[keep]] = acc[q, nt][keep, i]
     if split_k > 1:
-        out = np.zeros((m, n))
+        total = np.zeros((m, n))
         for by in range(split_k):  # the last CTA's sum, in split order
-            out = out + partial[by]
+            total = total + partial[by]
+        out = _swiglu_fp16(total[:, :outputs], total[:, outputs:]) if swiglu else total
     return out
 
 
@@ -559,6 +586,28 @@ def test_cuda_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
     ref = nf4_linear_reference(x.double(), w).numpy()
     assert not np.isnan(got).any(), "an output the kernel never writes"
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+
+
+@pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, kernel", [
+    (96, 320, 1, 1, 3, 5, "nf4_matmul"), (224, 448, 8, 2, 2, 8, "nf4_matmul"), (160, 384, 13, 1, 4, 4, "nf4_matmul16"),
+    (448, 512, 32, 1, 7, 2, "nf4_matmul32w"), (96, 256, 25, 3, 3, 1, "nf4_matmul32w"), (224, 384, 64, 1, 7, 1, "nf4_matmul64"),
+    (64, 576, 40, 2, 1, 4, "nf4_matmul64")])
+def test_cuda_swiglu_kernel_emulated(n, k, m, split_k, tile_groups, slices, kernel):
+    """The `_swiglu` instances (SiLU(gate) * up in the matmul's epilogue, for the fused gate/up weight)
+    on fresh random inputs: output tiles that leave warps half busy (an odd number of output groups
+    per CTA), idle warps, K ranges, split-K whose last CTA applies the epilogue to the summed halves;
+    against `silu_mul` of the reference matmul, every output written."""
+    from mistral_t4.kernels import nf4_cuda
+    from mistral_t4.kernels.nf4 import silu_mul
+
+    spec = next(s for s in nf4_cuda.KERNELS if s.name == kernel)
+    assert spec.swiglu and -(-tile_groups // (spec.groups // 2)) * slices <= spec.warps
+    w = NF4Weight.from_bnb(bnb_weight(n, k, seed=n + k + m + 1), backend="cuda")
+    x = torch.randn(m, k, dtype=torch.float16)
+    got = _emulate_cuda_matmul(x, w.packed, w.absmax, w.code_fp16, split_k, tile_groups, slices, kernel, swiglu=True)
+    ref = silu_mul(nf4_linear_reference(x.double(), w)).numpy()
+    assert got.shape == (m, n // 2) and not np.isnan(got).any(), "an output the kernel never writes"
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-3
 
 
 @pytest.mark.parametrize("n, k, m, split_k, tile_groups, slices, variant", [

@@ -148,9 +148,10 @@ def test_engine_records_cuda_kernel_plans(tiny_random_path):
     expected = {1: "nf4_matmul", 8: "nf4_matmul", 32: "nf4_matmul32w", 33: "nf4_matmul64", 64: "nf4_matmul64"}
     for rows, name in expected.items():
         info = Engine(fast, tokenizer, max_batch=rows, max_len=64, compile=False).describe()
-        assert info["nf4_cuda_kernels"] == nf4_cuda.describe_plans(rows, shapes, 1)  # CPU: one "SM"
-        names = {plan.split()[0] for plan in info["nf4_cuda_kernels"].values()}
-        assert names == {name}, (rows, names)
+        # CPU: one "SM"; gate/up with SiLU in the matmul's epilogue (no adapters here)
+        assert info["nf4_cuda_kernels"] == nf4_cuda.describe_plans(rows, shapes, 1, frozenset({"gate_up"}))
+        names = {key: plan.split()[0] for key, plan in info["nf4_cuda_kernels"].items()}
+        assert names == {"qkv": name, "o": name, "gate_up": name + "_swiglu", "down": name}, (rows, names)
     assert fast.nf4_cuda_plans(65) == {}
     reference = FastMistral.from_hf(model)
     assert "nf4_cuda_kernels" not in Engine(reference, tokenizer, max_batch=4, max_len=64, compile=False).describe()

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mistral_t4 import kernels
 from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
-from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference
+from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference, nf4_swiglu, silu_mul
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,12 +47,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """The residual add and the next RMSNorm: (x + delta, rms_norm(x + delta))."""
     x = x + delta
     return x, rms_norm(x, weight, eps)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up from the fused gate/up projection's output."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 # The elementwise steps between the matmuls. Eager PyTorch runs each as several kernels
@@ -109,6 +103,7 @@ class FastLinear(nn.Module):
             self.nf4 = None
             self.register_buffer("weight", weight, persistent=False)
             self.out_features, self.in_features = weight.shape
+        self.early = False  # NF4 "cuda" backend: launch the matmul early (`nf4_linear`); FastLayer decides
         self.lora_index = []  # adapter index (into the model's adapter list) for each stored pair
         for index, pair in enumerate(loras):
             if pair is None:
@@ -123,12 +118,25 @@ class FastLinear(nn.Module):
         elif self.reference:
             y = nf4_linear_reference(x, self.nf4)
         else:
-            y = nf4_linear(x, self.nf4)
+            y = nf4_linear(x, self.nf4, self.early)
         for index in self.lora_index:
             # adapter_masks[index]: (rows, 1[, 1]) with 1.0 where that row uses this adapter
             low = F.linear(x, getattr(self, f"lora_a{index}")) * adapter_masks[index]
             y = y + F.linear(low, getattr(self, f"lora_b{index}"))
         return y
+
+    @property
+    def fuses_swiglu(self) -> bool:
+        """Whether `swiglu` runs SiLU in the NF4 kernel's epilogue (LoRA deltas must be added before
+        SiLU, so not with adapters)."""
+        return self.nf4 is not None and not self.reference and not self.lora_index
+
+    def swiglu(self, x: torch.Tensor, adapter_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """SiLU(gate) * up of this fused gate/up projection: `nf4_swiglu` where `fuses_swiglu` (on the
+        "cuda" backend, one kernel), else `silu_mul` of `forward`."""
+        if self.fuses_swiglu:
+            return nf4_swiglu(x, self.nf4)
+        return silu_mul(self(x, adapter_masks))
 
 
 class FastLayer(nn.Module):
@@ -137,6 +145,12 @@ class FastLayer(nn.Module):
         self.register_buffer("input_norm", input_norm, persistent=False)
         self.register_buffer("post_norm", post_norm, persistent=False)
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        # Programmatic dependent launch (`kernels.early_launch`) where a decode step's CUDA NF4 matmul
+        # follows a kernel of ours: o after the decode attention, down after gate/up's kernel when that
+        # kernel does SiLU (our kernels let dependents start after their main loops)
+        for linear, follows_ours in [(o, True), (down, gate_up.fuses_swiglu)]:
+            linear.early = (follows_ours and linear.nf4 is not None and not linear.reference
+                            and linear.nf4.backend == "cuda" and kernels.early_launch(linear.nf4.packed.device))
 
 
 class FastMistral(nn.Module):
@@ -172,7 +186,8 @@ class FastMistral(nn.Module):
         shapes = {name: (linear.out_features, linear.in_features)
                   for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]
                   if linear.nf4 is not None and linear.nf4.backend == "cuda"}
-        return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device))
+        swiglu = frozenset({"gate_up"} if not layer.gate_up.lora_index else ())  # `FastLinear.swiglu`'s choice
+        return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device), swiglu)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,7 +334,7 @@ class FastMistral(nn.Module):
                 attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
                                                self.n_heads, self.head_dim**-0.5, self.sliding_window)
             x, h = add_rms_norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
-            x = x + layer.down(silu_mul(layer.gate_up(h, masks)), masks)
+            x = x + layer.down(layer.gate_up.swiglu(h, masks), masks)
         return self._logits(x)
 
     def _split_qkv(self, qkv: torch.Tensor):

@@ -20,7 +20,8 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  allow it; sm86/sm89 cards such as the L4 allow 99 KB and
                                  keep Triton)
     MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
-    MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch.
+    MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch;
+    MISTRAL_T4_EARLY_LAUNCH=0 turns off programmatic dependent launch (`early_launch`).
 `nf4_linear` follows the backend stored in its NF4Weight; for attention, call
 `decode_attention` when the choice is "triton" and `decode_attention_reference` otherwise.
 """
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
+EARLY_LAUNCH_ENV = "MISTRAL_T4_EARLY_LAUNCH"
 NF4_CUDA_ENV = "MISTRAL_T4_NF4_CUDA"
 NF4_CUDA_ROWS_ENV = "MISTRAL_T4_NF4_CUDA_ROWS"
 
@@ -105,6 +107,17 @@ def describe(choice: dict[str, str]) -> str:
     """One line for the load log, e.g. 'kernels: nf4_linear=triton (...), decode_attention=...'."""
     parts = [f"{name}={backend} ({_DESCRIPTIONS[name, backend]})" for name, backend in choice.items()]
     return "kernels: " + ", ".join(parts)
+
+
+def early_launch(device) -> bool:
+    """Whether kernels on `device` chain by programmatic dependent launch (sm90: a kernel's CTAs may
+    start while the kernel before it finishes, and wait in the kernel for its results): the decode
+    attention after the qkv projection, its merge after it, the o projection after those, the down
+    projection after the gate/up one. MISTRAL_T4_EARLY_LAUNCH=0 launches them one after the other
+    (to compare)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+            and os.environ.get(EARLY_LAUNCH_ENV, "1") != "0")
 
 
 @functools.cache

@@ -34,6 +34,12 @@ Measured (H200, bench/results/h200_2026-11-27_s8_rotary_attention/): a decode st
 at 1 row 9 -> 5 per layer besides the matmuls (inductor's elementwise kernels 316 -> 192 us
 per step, gaps 156 -> 87 us); batch 1 2.665 / 2.665 -> 2.512 / 2.526 ms per token, W32
 6,307 / 6,345 -> 6,426 output tokens/s (before / after, one call each).
+
+On sm90 both kernels are launched with programmatic dependent launch (`kernels.early_launch`,
+Triton's `launch_pdl`): they wait (`gdc_wait`) for the kernel before them at their start, and let
+the one after them (the merge, the o projection's CUDA kernel, launched early too) start its CTAs
+after the attention loop, so that it loads its weights while this finishes. With the o projection
+early: batch 1 2.392 -> 2.352 ms per token (H200, bench/results/h200_2026-11-27_s9_swiglu_early/).
 """
 
 import math
@@ -42,7 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import multiprocessor_count
+from . import early_launch, multiprocessor_count
+
+try:  # programmatic dependent launch from Triton kernels (Triton >= 3.3; used on sm90 only)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off (`_launch`), these are never traced
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -88,7 +99,10 @@ def _decode_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROTARY: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before it
 ):
+    if PDL:
+        gdc_wait()  # the qkv projection's output (and every earlier write) is visible from here
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -154,6 +168,8 @@ def _decode_attention_kernel(
             running_sum = running_sum * rescale + p
             acc = acc * rescale[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
             running_max = new_max
+    if PDL:
+        gdc_launch_dependents()  # the merge or the o projection may start its CTAs (they wait for this grid)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]  # no positions: acc is 0
@@ -178,7 +194,11 @@ def _combine_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,  # as in _decode_attention_kernel
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -274,6 +294,9 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
     else:
         split_acc = split_max = split_sum = out  # not touched
     rotary = cos is not None
+    # sm90: chained to the kernels before and after by programmatic dependent launch (`early_launch`)
+    pdl = gdc_wait is not None and early_launch(q.device)
+    chained = {"launch_pdl": True} if pdl else {}
     _decode_attention_kernel[(batch, n_kv_heads, num_splits)](
         q,
         k_cache,
@@ -306,11 +329,13 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ROTARY=rotary,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         # no multiply-add contraction: with it the rotary products were not rounded where eager PyTorch rounds
         # them (k one fp16 ulp off in 16% of elements, H200); without it the cache holds eager's values exactly
         enable_fp_fusion=not rotary,
+        **chained,
     )
     if num_splits > 1:
         _combine_splits_kernel[(batch, n_heads)](
@@ -324,5 +349,7 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
+            PDL=pdl,
+            **chained,
         )
     return out

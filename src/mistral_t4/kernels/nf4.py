@@ -45,6 +45,8 @@ Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.
                 Triton's `tl.dot` has no tensor cores on sm75; bitsandbytes' kernel does.
     "reference" CPU, or when forced: dequantize (bitsandbytes' kernel, tested equal to the plain
                 PyTorch `NF4Weight.dequantize_plain`) + F.linear.
+`nf4_swiglu` is SiLU(gate) * up of the fused gate/up projection: on "cuda" one kernel (the
+matmul's epilogue does the rest), elsewhere `silu_mul` of `nf4_linear`.
 The CUDA paths are `torch.library` custom ops with fake implementations, so
 `torch.compile(fullgraph=True, mode="reduce-overhead")` captures them in a CUDA graph.
 """
@@ -234,13 +236,35 @@ def _undo_cpu_packing(data: torch.Tensor, state) -> tuple[torch.Tensor, torch.Te
     return packed.contiguous(), absmax
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up from the fused gate/up projection's output (gate's half first)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def nf4_swiglu(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """`silu_mul(nf4_linear(x, w))` for the fused gate/up weight `w`: x (..., in) -> (..., out / 2).
+
+    On the "cuda" backend the matmul's epilogue does SiLU and the product (one kernel, half the
+    output written, no elementwise kernel after it); elsewhere the two steps."""
+    if w.backend != "cuda":
+        return silu_mul(nf4_linear(x, w))
+    rows = x.reshape(-1, w.in_features)
+    out = torch.ops.mistral_t4.nf4_swiglu_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+    return out.view(*x.shape[:-1], w.out_features // 2)
+
+
 def nf4_linear_reference(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """x (..., in_features) -> (..., out_features): dequantize, then F.linear."""
     return F.linear(x, w.dequantize(x.dtype))
 
 
-def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """x (..., in_features) fp16/fp32 -> (..., out_features), on the backend `w` was built for."""
+def nf4_linear(x: torch.Tensor, w: NF4Weight, early: bool = False) -> torch.Tensor:
+    """x (..., in_features) fp16/fp32 -> (..., out_features), on the backend `w` was built for.
+
+    `early` ("cuda" backend): launch the CUDA kernel with programmatic dependent launch, so that its
+    CTAs may start while the kernel before it finishes (`nf4_cuda.nf4_matmul`); pays where that
+    kernel is one of ours (it lets dependents start after its main loop)."""
     if w.backend == "reference":
         return nf4_linear_reference(x, w)
     if w.backend == "bnb":
@@ -249,7 +273,8 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         )
     if w.backend == "cuda":
         rows = x.reshape(-1, w.in_features)
-        out = torch.ops.mistral_t4.nf4_linear_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+        out = torch.ops.mistral_t4.nf4_linear_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
+                                                        early)
         return out.view(*x.shape[:-1], w.out_features)
     assert w.backend == "triton", f"unknown NF4 backend {w.backend!r}"
     rows = x.reshape(-1, w.in_features)  # (M, K)
@@ -293,12 +318,14 @@ def _nf4_linear_fragments(
     code: torch.Tensor,
     code_fp16: torch.Tensor,
     tile_counters: torch.Tensor,
+    early: bool = False,
 ) -> torch.Tensor:
-    """x (M, K) -> (M, N) for the "cuda" backend (tile_counters: see `mistral_t4::nf4_linear`)."""
+    """x (M, K) -> (M, N) for the "cuda" backend (tile_counters: see `mistral_t4::nf4_linear`; early:
+    see `nf4_linear`)."""
     from . import nf4_cuda
 
     if x.dtype == torch.float16 and x.shape[0] <= nf4_cuda.MAX_ROWS:
-        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters)
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, early=early)
     if x.dtype == torch.float16:
         weight = nf4_cuda.nf4_dequantize(packed, absmax, code)
     else:
@@ -307,5 +334,29 @@ def _nf4_linear_fragments(
 
 
 @_nf4_linear_fragments.register_fake
-def _(x, packed, absmax, code, code_fp16, tile_counters):
+def _(x, packed, absmax, code, code_fp16, tile_counters, early=False):
     return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.custom_op("mistral_t4::nf4_swiglu_fragments", mutates_args=())
+def _nf4_swiglu_fragments(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code_fp16: torch.Tensor,
+    tile_counters: torch.Tensor,
+) -> torch.Tensor:
+    """x (M, K) -> (M, N / 2) SiLU(gate) * up for the "cuda" backend's fused gate/up weight (N rows:
+    gate's, then up's): in the matmul's epilogue where `nf4_cuda.swiglu_supported`, else
+    `mistral_t4::nf4_linear_fragments` and `silu_mul` (tile_counters: see `mistral_t4::nf4_linear`)."""
+    from . import multiprocessor_count, nf4_cuda
+
+    if x.dtype == torch.float16 and nf4_cuda.swiglu_supported(x.shape[0], packed.shape[0], multiprocessor_count(x.device)):
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, swiglu=True)
+    return silu_mul(_nf4_linear_fragments(x, packed, absmax, code, code_fp16, tile_counters))
+
+
+@_nf4_swiglu_fragments.register_fake
+def _(x, packed, absmax, code, code_fp16, tile_counters):
+    return x.new_empty(x.shape[0], packed.shape[0] // 2)

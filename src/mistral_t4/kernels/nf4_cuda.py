@@ -37,7 +37,19 @@ the result is already a tensor-core register:
     CTA (2-32, a runtime argument), the split and the ranges so that one wave fills the SMs
     (on 132 SMs: o and down 128 CTAs of 2 groups x 16 ranges, gate_up 128 of 14 x 2, qkv 96
     of 4 x 8) with no partial sums through global memory.
-`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps); the
+  * SwiGLU epilogue (`nf4_matmul(..., swiglu=True)`, the `_swiglu` instances of the kernels with
+    an even number of groups per warp): for the fused gate/up weight each warp takes gate's groups
+    and the up groups of the same outputs (N / 32 groups on), so one lane holds both sums of an
+    output and stores SiLU(gate) * up, computed from the fp16-rounded sums as eager PyTorch does
+    (the same bits as the matmul then `silu_mul`); the decode step loses an elementwise kernel and
+    gate/up's output is half as large. Per call at 1 / 32 / 64 rows 30.0 / 50.1 / 77.0 us against
+    32.2 / 56.0 / 85.7 for the two steps (H200, bench/results/h200_2026-11-27_s9_swiglu_early/).
+  * Programmatic dependent launch (`early`, sm90): the kernel loads its first weights and builds
+    its table before `griddepcontrol.wait`, and lets its dependents start after its main loop. The
+    decode step launches o (after the Triton attention kernels, which take part in the chain) and
+    down (after gate/up's SwiGLU kernel) early (`model.FastLayer`, `kernels.early_launch`): with the
+    epilogue, batch 1 2.52 -> 2.35 ms per token, W32 6,390 -> 6,550 output tok/s (same H200 results).
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU); the
 package's instances are `KERNELS`; bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
@@ -107,6 +119,10 @@ class Kernel(NamedTuple):
     @property
     def reduce_bytes(self) -> int:  # the sums of a CTA's K ranges in shared memory
         return self.warps * self.groups * self.tiles * 512
+
+    @property
+    def swiglu(self) -> bool:  # has a `_swiglu` instance: a warp's groups pair gate's rows with up's
+        return self.groups % 2 == 0
 
 
 KERNELS = (
@@ -230,36 +246,50 @@ __device__ __forceinline__ Nf4Tile nf4_tile(int N, int K, int split_k, int tile_
     return t;
 }
 
+// SiLU(gate) * up as eager fp16 PyTorch computes it from the projection's fp16 outputs: silu in fp32, rounded, times up.
+__device__ __forceinline__ float from_half(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 swiglu(float gate, float up) {
+    const float g = from_half(to_half(gate));
+    return to_half(from_half(to_half(g / (1.f + expf(-g)))) * from_half(to_half(up)));
+}
+
 // The block's results: acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h] (G0 + q < end),
 // stored, or with split-K written as partials that the block arriving last sums in split order into out.
-// `flag`: a shared-memory word. Every thread of the block calls it.
-template <int NT, int NG, int WARPS>
+// SWIGLU: W is the fused gate/up weight (gate's N/2 rows, then up's) and out (M, N/2) = SiLU(x gate^T) * (x up^T);
+// the warp's groups q < NG/2 are gate's, q + NG/2 the up rows of the same outputs, and G0 / first / end count
+// output groups (partials keep both halves: gate at n, up at n + N/2). `flag`: a shared-memory word.
+// Every thread of the block calls it.
+template <int NT, int NG, int WARPS, bool SWIGLU>
 __device__ __forceinline__ void nf4_matmul_store(
         const float (&acc)[NG][NT][4], u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
         int M, int N, int stride_om, int split_k, int first, int end, int G0, u32 flag) {
+    constexpr int NO = SWIGLU ? NG / 2 : NG;  // output groups per warp
+    const int half = N >> 1;
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
     if (split_k == 1) {
         #pragma unroll
-        for (int q = 0; q < NG; q++) {
+        for (int q = 0; q < NO; q++) {
             if (G0 + q >= end) break;
             #pragma unroll
             for (int nt = 0; nt < NT; nt++)
                 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                    if (m < M) out[(size_t)m * stride_om + n] = to_half(acc[q][nt][i]);
+                    if (m < M) out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(acc[q][nt][i], acc[q + NO * SWIGLU][nt][i])
+                                                                       : to_half(acc[q][nt][i]);
                 }
         }
         return;
     }
     #pragma unroll
     for (int q = 0; q < NG; q++) {
-        if (G0 + q >= end) break;
+        const int G = G0 + (SWIGLU && q >= NO ? q - NO : q);
+        if (G >= end) continue;
         #pragma unroll
         for (int nt = 0; nt < NT; nt++)
             #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                const int m = nt * 8 + 2 * c + (i & 1), n = G * 16 + g + 8 * (i >> 1) + (SWIGLU && q >= NO ? half : 0);
                 if (m < M) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[q][nt][i];
             }
     }
@@ -277,13 +307,17 @@ __device__ __forceinline__ void nf4_matmul_store(
     const int rows = (end - first) * 16;  // the block's tile, element by element
     for (int e = tid; e < rows * M; e += WARPS * 32) {
         const int m = e / rows, n = first * 16 + e % rows;
-        float total = 0.f;
+        float total = 0.f, up = 0.f;
         for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
             float v;
             asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
             total += v;
+            if (SWIGLU) {
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n + half));
+                up += v;
+            }
         }
-        out[(size_t)m * stride_om + n] = to_half(total);
+        out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(total, up) : to_half(total);
     }
     if (tid == 0) counters[blockIdx.x] = 0;
 }
@@ -293,8 +327,9 @@ __device__ __forceinline__ void nf4_matmul_store(
 // which its warps cut into `slices` ranges (nf4_tile; warps past the tile's end idle); the ranges' sums
 // meet in shared memory (range order: the same sum every call). Dynamic shared memory: table_shared_bytes,
 // and REDUCE_BYTES more when slices > 1 unless the window has them below the table. counters: >= gridDim.x
-// ints, zero on entry and on exit.
-template <int NT, int NG, int D, int WARPS>
+// ints, zero on entry and on exit. SWIGLU (W the fused gate/up weight, out (M, N / 2)): the same over the
+// N / 2 outputs, grid (cdiv(N / 32, tile_groups), split_k), each warp on NG / 2 outputs' gate and up groups.
+template <int NT, int NG, int D, int WARPS, bool SWIGLU>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -311,8 +346,10 @@ __device__ __forceinline__ void nf4_matmul_body(
         const u32 needed = slices > 1 && reduce != base ? reduce + WARPS * NG * NT * 512 : table + 65536u;
         if (needed > base + size) __trap();  // the host asked for too little
     }
+    static_assert(!SWIGLU || NG % 2 == 0, "SwiGLU pairs a warp's gate groups with its up groups");
+    constexpr int NO = SWIGLU ? NG / 2 : NG;  // output groups per warp (nf4_matmul_store)
     const int per_slice = WARPS / slices;
-    const Nf4Tile tile = nf4_tile<NG>(N, K, split_k, tile_groups, warp, slices, per_slice);
+    const Nf4Tile tile = nf4_tile<NO>(SWIGLU ? N >> 1 : N, K, split_k, tile_groups, warp, slices, per_slice);
     const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
     const int g = lane >> 2, c = lane & 3;
     // the ring's first loads go out before the table is built: its stores and barrier wait under them
@@ -320,7 +357,8 @@ __device__ __forceinline__ void nf4_matmul_body(
     const uint2* sp[NG];
     #pragma unroll
     for (int q = 0; q < NG; q++) {
-        const int G = min(G0 + q, end - 1);  // past the tile's end: recompute its last group, never stored
+        // past the tile's end: recompute its last group, never stored; SWIGLU: groups q >= NO are up's, N / 32 groups on
+        const int G = SWIGLU && q >= NO ? min(G0 + q - NO, end - 1) + (N >> 5) : min(G0 + q, end - 1);
         wp[q] = wq + (size_t)G * nb * 32 + lane;
         sp[q] = scales + (size_t)G * nb * 8 + g;
     }
@@ -427,16 +465,19 @@ __device__ __forceinline__ void nf4_matmul_body(
                         }
             }
     }
-    nf4_matmul_store<NT, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end,
-                                    tile.slice == 0 ? G0 : end, flag);
+    nf4_matmul_store<NT, NG, WARPS, SWIGLU>(acc, out, partial, counters, M, N, stride_om, split_k, first, end,
+                                            tile.slice == 0 ? G0 : end, flag);
 }
 
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS) \
+#define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k, int tile_groups, int slices) { \
-    nf4_matmul_body<NT, NG, D, WARPS>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, split_k, \
-                                      tile_groups, slices); }
+    nf4_matmul_body<NT, NG, D, WARPS, SWIGLU>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, \
+                                              split_k, tile_groups, slices); }
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME, NT, NG, D, WARPS, false)
+// NAME_swiglu: out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused gate/up weight (nf4_matmul_store)
+#define NF4_MATMUL_SWIGLU(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME##_swiglu, NT, NG, D, WARPS, true)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -480,6 +521,8 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 # the package's instances (`KERNELS`)
 SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n" for k in KERNELS)
+SOURCE += "".join(f"NF4_MATMUL_SWIGLU({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n"
+                  for k in KERNELS if k.swiglu)
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -569,6 +612,7 @@ class _Module:
             _check(self.cuda, self.cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
         self.functions = {}
         self.shared_set = {}
+        self.early = (major, minor) >= (9, 0)  # programmatic dependent launch: sm90
 
     def function(self, name: str) -> ctypes.c_void_p:
         if name not in self.functions:
@@ -582,8 +626,8 @@ class _Module:
         """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints.
 
         `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function.
-        `early`: programmatic dependent launch (sm90): the grid may start while the previous one
-        finishes; the kernel must `dependencies_wait()` before it reads what that one wrote."""
+        `early`: programmatic dependent launch (sm90; ignored on older cards): the grid may start while
+        the previous one finishes; the kernel must `dependencies_wait()` before it reads what that one wrote."""
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         function = self.function(name)
@@ -595,7 +639,7 @@ class _Module:
             _check(self.cuda, rc, f"{shared} bytes of shared memory for {name}")
             self.shared_set[name] = shared
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.index).cuda_stream)
-        if early:
+        if early and self.early:
             attribute = _LaunchAttribute(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             attribute.value[0] = 1
             config = _LaunchConfig(grid[0], grid[1], 1, block, 1, 1, shared, stream, ctypes.pointer(attribute), 1)
@@ -677,7 +721,8 @@ _LOCK = threading.Lock()
 @functools.cache
 def _module_cached(index: int) -> _Module:
     module = _Module(torch.device("cuda", index))
-    for name in [kernel.name for kernel in KERNELS] + ["nf4_dequantize"]:  # now, not during a graph capture
+    names = [kernel.name for kernel in KERNELS] + [kernel.name + "_swiglu" for kernel in KERNELS if kernel.swiglu]
+    for name in names + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
     module.shared = {kernel.name: matmul_shared_bytes(module.table_shared, kernel.reduce_bytes) for kernel in KERNELS}
@@ -729,26 +774,44 @@ def launch_plan(m: int, n: int, k: int, sm_count: int) -> tuple[Kernel, int, int
     return (kernel, *matmul_geometry(n, k, sm_count, groups_per_warp=kernel.groups, warps=kernel.warps))
 
 
-def describe_plans(rows: int, shapes: dict[str, tuple[int, int]], sm_count: int) -> dict[str, str]:
+def describe_plans(rows: int, shapes: dict[str, tuple[int, int]], sm_count: int,
+                   swiglu: frozenset[str] = frozenset()) -> dict[str, str]:
     """Per named weight (N, K): 'kernel (row groups per CTA, split, K ranges)' at `rows` rows, for the
-    load log and the benchmark JSON, e.g. {"qkv": "nf4_matmul32w (4, 1, 8)", ...}."""
-    plans = {name: launch_plan(rows, n, k, sm_count) for name, (n, k) in shapes.items()}
-    return {name: f"{kernel.name} ({tile}, {split}, {slices})" for name, (kernel, tile, split, slices) in plans.items()}
+    load log and the benchmark JSON, e.g. {"qkv": "nf4_matmul32w (4, 1, 8)", ...}; the names in `swiglu`
+    (fused gate/up weights) as `nf4_matmul(..., swiglu=True)` launches them where it can, e.g.
+    "nf4_matmul32w_swiglu (7, 1, 2)" (output groups per CTA)."""
+    described = {}
+    for name, (n, k) in shapes.items():
+        kernel, tile, split, slices = launch_plan(rows, n, k, sm_count)
+        label = kernel.name
+        if name in swiglu and swiglu_supported(rows, n, sm_count):
+            label, tile = label + "_swiglu", tile // 2
+        described[name] = f"{label} ({tile}, {split}, {slices})"
+    return described
+
+
+def swiglu_supported(m: int, n: int, sm_count: int) -> bool:
+    """Whether `nf4_matmul(..., swiglu=True)` takes x of m rows and a fused gate/up weight of n rows:
+    whole 16-row groups in each half, and a kernel whose warps hold gate and up groups in pairs."""
+    return 1 <= m <= MAX_ROWS and n % (2 * GROUP) == 0 and kernel_for(m, n, sm_count).swiglu
 
 
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
-               early: bool = False) -> torch.Tensor:
+               early: bool = False, swiglu: bool = False) -> torch.Tensor:
     """x (M <= MAX_ROWS, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4
     table. The kernel of the fewest rows >= M (`kernel_for`).
-    `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py)."""
+    `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py).
+    `swiglu`: W is the fused gate/up weight (gate's rows, then up's): -> (M, N / 2) SiLU(gate) * up,
+    computed by the matmul's epilogue from its fp16 outputs as eager PyTorch does (`swiglu_supported`)."""
     m, k = x.shape
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
     assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
     assert tile_counters.numel() >= n // GROUP, "one counter per tile: at most one per row group"
+    outputs = n // 2 if swiglu else n
     if out is None:
-        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
+        out = torch.empty((m, outputs), dtype=torch.float16, device=x.device)
     if m == 0:  # the kernel reads row M - 1 for its padding rows
         return out
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows must allow 16-byte loads
@@ -759,12 +822,15 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
         tile_groups, split, slices = kernel.warps * kernel.groups, split_k, 1
     split_k = split
+    name = kernel.name
+    if swiglu:  # the same warps and K ranges, each warp's groups half gate's, half up's: half the output groups
+        assert swiglu_supported(m, n, multiprocessor_count(x.device)), "no SwiGLU kernel for this shape"
+        name, tile_groups = name + "_swiglu", tile_groups // 2
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = (-(-(n // GROUP) // tile_groups), split_k)
+    grid = (-(-(outputs // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
-    kernels.launch(kernel.name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                          m, n, k, x.stride(0), out.stride(0), split_k, tile_groups,
-                                                          slices],
+    kernels.launch(name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
+                                                   m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
                    shared=kernels.shared[kernel.name], early=early)
     return out
 
