@@ -132,6 +132,25 @@ def test_reference_linear_is_dequantize_then_matmul(shape, rows):
     assert torch.equal(nf4_linear(x, w), nf4_linear_reference(x, w))  # the CPU backend is the reference
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_nf4_swiglu_is_silu_of_the_projection(backend):
+    """`nf4_swiglu` (on "cuda" the gate/up kernel's SwiGLU epilogue; on CPU its op's two-step path)
+    equals `silu_mul` of `nf4_linear` and keeps leading dimensions; the "cuda" ops pass opcheck
+    (schema, fake tensors, dynamic shapes), the matmul's with its `early` flag too."""
+    from mistral_t4.kernels.nf4 import nf4_swiglu, silu_mul
+
+    w = NF4Weight.from_bnb(bnb_weight(192, 128, seed=3), backend=backend)
+    x = torch.randn(2, 3, 128)
+    got = nf4_swiglu(x, w)
+    assert got.shape == (2, 3, 96) and torch.equal(got, silu_mul(nf4_linear(x, w)))
+    gate, up = (x @ w.dequantize(torch.float32).T).chunk(2, dim=-1)
+    torch.testing.assert_close(got, F.silu(gate) * up)
+    if backend == "cuda":
+        args = (x.reshape(-1, 128), w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+        torch.library.opcheck(torch.ops.mistral_t4.nf4_swiglu_fragments, args)
+        torch.library.opcheck(torch.ops.mistral_t4.nf4_linear_fragments, args + (True,))
+
+
 def test_reference_keeps_leading_dimensions():
     w = NF4Weight.from_bnb(bnb_weight(40, 192), backend="reference")
     x = torch.randn(2, 3, 192)

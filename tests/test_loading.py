@@ -133,6 +133,43 @@ def test_system_description_records_kernel_settings(monkeypatch):
     assert "MISTRAL_T4_CACHE" not in info["settings"] and "MISTRAL_T4_REFERENCE_KERNELS" not in info["settings"]
 
 
+def test_decode_layer_fusions_and_early_launch(tiny_random_path, monkeypatch):
+    """The decode step's gate/up takes the SwiGLU epilogue unless it carries LoRA deltas (they are added
+    before SiLU) or runs the references; o and down are launched early (programmatic dependent launch)
+    only where `kernels.early_launch` says so: sm90 CUDA devices, unless MISTRAL_T4_EARLY_LAUNCH=0."""
+    from mistral_t4 import kernels
+    from mistral_t4.kernels.nf4 import silu_mul
+    from mistral_t4.model import FastLayer, FastLinear, FastMistral, LoraPair
+
+    model, _ = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
+    fast = FastMistral.from_hf(model, {"nf4_linear": "cuda", "decode_attention": "reference"})
+    layer = fast.layers[0]
+    assert layer.gate_up.fuses_swiglu and not layer.o.early and not layer.down.early  # CPU: no early launch
+    h = torch.randn(3, layer.gate_up.in_features)
+    assert torch.equal(layer.gate_up.swiglu(h), silu_mul(layer.gate_up(h)))
+    assert not FastMistral.from_hf(model).layers[0].gate_up.fuses_swiglu  # CPU's choice: the references
+
+    monkeypatch.setattr(kernels, "early_launch", lambda device: True)
+    chained = FastLayer(layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down)
+    assert chained.o.early and chained.down.early and not chained.qkv.early and not chained.gate_up.early
+    rank = 2
+    lora = LoraPair(torch.zeros(rank, layer.gate_up.in_features), torch.zeros(layer.gate_up.out_features, rank))
+    adapted = FastLinear(layer.gate_up.nf4, [lora], reference=False)
+    assert not adapted.fuses_swiglu
+    assert torch.equal(adapted.swiglu(h, [torch.ones(3, 1)]), silu_mul(layer.gate_up(h)))  # zero delta
+    with_adapter = FastLayer(layer.input_norm, layer.qkv, layer.o, layer.post_norm, adapted, layer.down)
+    assert with_adapter.o.early and not with_adapter.down.early  # SiLU in its own kernel: down follows inductor's
+    monkeypatch.undo()
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels.early_launch("cuda") and not kernels.early_launch("cpu")
+    monkeypatch.setenv(kernels.EARLY_LAUNCH_ENV, "0")
+    assert not kernels.early_launch("cuda")
+    monkeypatch.delenv(kernels.EARLY_LAUNCH_ENV)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not kernels.early_launch("cuda")
+
+
 def test_engine_records_cuda_kernel_plans(tiny_random_path):
     """With the "cuda" NF4 backend the engine's description (benchmark JSON) names the kernel and grid
     each projection's decode matmul takes at its slot count; other backends and > 64 slots: none."""
