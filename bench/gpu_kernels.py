@@ -11,7 +11,8 @@ Decode attention at batch 1, 32, 64 with full caches of 256 and 4096 positions; 
 decode step's fused rotary + cache write + attention against the three steps it replaces.
 The gate/up projection with SiLU(gate) * up in the CUDA kernel's epilogue (`nf4_swiglu`) against
 the matmul then `silu_mul`, at 1-64 rows and with split-K (the partials' path): error against fp32,
-how many outputs differ from the two-step fp16 result, and time.
+how many outputs differ from the two-step fp16 result, and time. The residual add + RMSNorm kernel
+against eager PyTorch and inductor's fused kernel.
 A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
 Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
 one CUDA graph and matches eager; split-K gives bit-identical results call after call.
@@ -205,6 +206,29 @@ def bench_swiglu(device, dtype, time_ms, smoke):
             print(f"{name:<22} M={m:<3} split {split}: err {row['rel_err']:.1e} (steps {row['steps_rel_err']:.1e}), "
                   f"{row['differ_from_steps']}/{row['outputs']} differ from the steps (max {row['max_abs_diff']:.1e})"
                   + (f", {row['fused_ms'] * 1e3:.1f} vs {row['steps_ms'] * 1e3:.1f} us" if split is None else ""), flush=True)
+    return results
+
+
+def bench_norm(device, dtype, time_ms):
+    """The residual add + RMSNorm kernel (`add_rms_norm_fused`) against the reference, eager and compiled."""
+    from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused
+
+    compiled = torch.compile(add_rms_norm, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+    results = []
+    for rows in (1, 32, 64):
+        x, delta = (torch.randn(rows, 4096, device=device, dtype=dtype) for _ in range(2))
+        weight = (1 + 0.1 * torch.randn(4096, device=device)).to(dtype)
+        total, h = add_rms_norm_fused(x, delta, weight, 1e-5)
+        ref_total, ref_h = add_rms_norm(x, delta, weight, 1e-5)
+        ind_total, ind_h = compiled(x, delta, weight, 1e-5)
+        row = dict(rows=rows, sum_equal=torch.equal(total, ref_total), h_differ=int((h != ref_h).sum()),
+                   inductor_h_differ=int((ind_h != ref_h).sum()), h_max_abs_diff=(h.float() - ref_h.float()).abs().max().item(),
+                   fused_ms=time_ms(lambda: add_rms_norm_fused(x, delta, weight, 1e-5)),
+                   inductor_ms=time_ms(lambda: compiled(x, delta, weight, 1e-5)))
+        results.append(row)
+        print(f"add_rms_norm rows={rows}: sum equal {row['sum_equal']}, h differs from eager in {row['h_differ']} "
+              f"(inductor's: {row['inductor_h_differ']}) of {h.numel()}, max {row['h_max_abs_diff']:.1e}; "
+              f"{row['fused_ms'] * 1e3:.1f} vs inductor {row['inductor_ms'] * 1e3:.1f} us", flush=True)
     return results
 
 
@@ -530,7 +554,7 @@ def main():
     parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
     parser.add_argument("--nf4-variants", action="store_true", help="only: NF4 kernel variants on the decode shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, swiglu, decode_step, compile, sweep)")
+    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, swiglu, norm, decode_step, compile, sweep)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16
@@ -552,6 +576,7 @@ def main():
     }
     if device.type == "cuda":
         sections["swiglu"] = lambda: bench_swiglu(device, dtype, time_ms, args.smoke)
+        sections["norm"] = lambda: bench_norm(device, dtype, time_ms)
         sections["decode_step"] = lambda: bench_decode_step(device, dtype, time_ms)
         sections["compile"] = lambda: check_compile_and_determinism(device, dtype)
     if args.nf4_variants:

@@ -44,6 +44,19 @@ def test_greedy_matches_hf_generate_on_ragged_batch(tokenizer):
     assert run_engine(engine, prompts, 12) == expected
 
 
+def test_decode_step_with_our_kernels_choice_matches_hf(tokenizer):
+    """The decode step as it runs on sm80+ (rotary + cache write + attention in one op, the residual
+    add + RMSNorm as `add_rms_norm_fused`, gate/up with its SwiGLU op), here on CPU where those ops
+    run their references: greedy tokens still equal HF generate on a ragged batch."""
+    hf = tiny_model(seed=1)
+    prompts = ragged_prompts(5, hf.config.vocab_size, seed=3)
+    expected = [hf_greedy(hf, p, 10) for p in prompts]
+    fast = FastMistral.from_hf(hf, {"nf4_linear": "reference", "decode_attention": "triton"})
+    assert fast.fused_norms
+    engine = Engine(fast, tokenizer, max_batch=5, max_len=64, compile=False)
+    assert run_engine(engine, prompts, 10) == expected
+
+
 def test_slot_refill_gives_same_tokens_as_alone(tokenizer):
     hf = tiny_model(seed=3)
     prompts = ragged_prompts(20, hf.config.vocab_size, seed=4)

@@ -135,30 +135,39 @@ def test_system_description_records_kernel_settings(monkeypatch):
 
 def test_decode_layer_fusions_and_early_launch(tiny_random_path, monkeypatch):
     """The decode step's gate/up takes the SwiGLU epilogue unless it carries LoRA deltas (they are added
-    before SiLU) or runs the references; o and down are launched early (programmatic dependent launch)
-    only where `kernels.early_launch` says so: sm90 CUDA devices, unless MISTRAL_T4_EARLY_LAUNCH=0."""
+    before SiLU) or runs the references; with the Triton attention its norms are `add_rms_norm_fused`;
+    its CUDA NF4 matmuls are launched early (programmatic dependent launch) only where
+    `kernels.early_launch` says so (sm90 CUDA devices, unless MISTRAL_T4_EARLY_LAUNCH=0), down only
+    after gate/up's SwiGLU kernel."""
     from mistral_t4 import kernels
     from mistral_t4.kernels.nf4 import silu_mul
-    from mistral_t4.model import FastLayer, FastLinear, FastMistral, LoraPair
+    from mistral_t4.model import FastLinear, FastMistral, LoraPair
 
     model, _ = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
-    fast = FastMistral.from_hf(model, {"nf4_linear": "cuda", "decode_attention": "reference"})
+    fast = FastMistral.from_hf(model, {"nf4_linear": "cuda", "decode_attention": "triton"})
     layer = fast.layers[0]
-    assert layer.gate_up.fuses_swiglu and not layer.o.early and not layer.down.early  # CPU: no early launch
+    assert fast.fused_norms and layer.gate_up.fuses_swiglu
+    assert not any(linear.early for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))  # CPU: no early launch
     h = torch.randn(3, layer.gate_up.in_features)
     assert torch.equal(layer.gate_up.swiglu(h), silu_mul(layer.gate_up(h)))
-    assert not FastMistral.from_hf(model).layers[0].gate_up.fuses_swiglu  # CPU's choice: the references
+    reference = FastMistral.from_hf(model)  # CPU's choice: the references
+    assert not reference.fused_norms and not reference.layers[0].gate_up.fuses_swiglu
 
     monkeypatch.setattr(kernels, "early_launch", lambda device: True)
-    chained = FastLayer(layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down)
-    assert chained.o.early and chained.down.early and not chained.qkv.early and not chained.gate_up.early
     rank = 2
     lora = LoraPair(torch.zeros(rank, layer.gate_up.in_features), torch.zeros(layer.gate_up.out_features, rank))
     adapted = FastLinear(layer.gate_up.nf4, [lora], reference=False)
     assert not adapted.fuses_swiglu
     assert torch.equal(adapted.swiglu(h, [torch.ones(3, 1)]), silu_mul(layer.gate_up(h)))  # zero delta
-    with_adapter = FastLayer(layer.input_norm, layer.qkv, layer.o, layer.post_norm, adapted, layer.down)
-    assert with_adapter.o.early and not with_adapter.down.early  # SiLU in its own kernel: down follows inductor's
+    layers = list(fast.layers)
+    layers[1].gate_up = adapted
+    chained = FastMistral(fast.config, fast.embed, layers, fast.norm, fast.lm_head, [], fast.kernel_choice)
+    assert all(linear.early for layer in chained.layers for linear in (layer.qkv, layer.o, layer.gate_up))
+    # SiLU in its own kernel where gate/up has an adapter: down follows inductor's kernel there
+    assert [layer.down.early for layer in chained.layers] == [index != 1 for index in range(len(layers))]
+    eager = FastMistral(fast.config, fast.embed, layers, fast.norm, fast.lm_head, [],
+                        {"nf4_linear": "cuda", "decode_attention": "reference"})
+    assert not any(linear.early for layer in eager.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
     monkeypatch.undo()
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -30,23 +30,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mistral_t4 import kernels
 from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
 from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference, nf4_swiglu, silu_mul
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as Hugging Face computes it: statistics in fp32, gain in the model dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused, rms_norm
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     return rotate(q, cos, sin), rotate(k, cos, sin)
 
-
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """The residual add and the next RMSNorm: (x + delta, rms_norm(x + delta))."""
-    x = x + delta
-    return x, rms_norm(x, weight, eps)
 
 
 # The elementwise steps between the matmuls. Eager PyTorch runs each as several kernels
@@ -103,7 +92,7 @@ class FastLinear(nn.Module):
             self.nf4 = None
             self.register_buffer("weight", weight, persistent=False)
             self.out_features, self.in_features = weight.shape
-        self.early = False  # NF4 "cuda" backend: launch the matmul early (`nf4_linear`); FastLayer decides
+        self.early = False  # NF4 "cuda" backend: launch the matmul early (`nf4_linear`); FastMistral decides
         self.lora_index = []  # adapter index (into the model's adapter list) for each stored pair
         for index, pair in enumerate(loras):
             if pair is None:
@@ -135,7 +124,7 @@ class FastLinear(nn.Module):
         """SiLU(gate) * up of this fused gate/up projection: `nf4_swiglu` where `fuses_swiglu` (on the
         "cuda" backend, one kernel), else `silu_mul` of `forward`."""
         if self.fuses_swiglu:
-            return nf4_swiglu(x, self.nf4)
+            return nf4_swiglu(x, self.nf4, self.early)
         return silu_mul(self(x, adapter_masks))
 
 
@@ -145,12 +134,6 @@ class FastLayer(nn.Module):
         self.register_buffer("input_norm", input_norm, persistent=False)
         self.register_buffer("post_norm", post_norm, persistent=False)
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
-        # Programmatic dependent launch (`kernels.early_launch`) where a decode step's CUDA NF4 matmul
-        # follows a kernel of ours: o after the decode attention, down after gate/up's kernel when that
-        # kernel does SiLU (our kernels let dependents start after their main loops)
-        for linear, follows_ours in [(o, True), (down, gate_up.fuses_swiglu)]:
-            linear.early = (follows_ours and linear.nf4 is not None and not linear.reference
-                            and linear.nf4.backend == "cuda" and kernels.early_launch(linear.nf4.packed.device))
 
 
 class FastMistral(nn.Module):
@@ -171,6 +154,16 @@ class FastMistral(nn.Module):
         self.register_buffer("norm", norm, persistent=False)
         self.register_buffer("lm_head", lm_head, persistent=False)
         self.layers = nn.ModuleList(layers)
+        # The decode step's kernels between the matmuls are ours on sm80+ (the attention ones, `add_rms_norm_fused`);
+        # on sm90 every CUDA NF4 matmul of it follows one of ours or (down) gate/up's SwiGLU kernel, which let it
+        # start its CTAs early: programmatic dependent launch (`kernels.early_launch`). Down follows inductor's
+        # SiLU kernel where gate/up carries LoRA (no epilogue): launched plainly there.
+        self.fused_norms = kernel_choice.get("decode_attention") == "triton"
+        chained = self.fused_norms and kernels.early_launch(self.device)
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                linear.early = chained and linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
+            layer.down.early = layer.down.early and layer.gate_up.fuses_swiglu
         self.cache = None
         self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
         self.register_buffer("rope_sin", None, persistent=False)
@@ -321,8 +314,10 @@ class FastMistral(nn.Module):
         if reference:
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
             lengths = (positions + 1).to(torch.int32)
+        norm = add_rms_norm_fused if self.fused_norms else add_rms_norm
+        h = rms_norm(x, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, self.eps)
+            following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
             qkv = layer.qkv(h, masks)
             k_cache, v_cache = getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}")
             if reference:  # rotary, the cache write and attention, step by step
@@ -333,9 +328,9 @@ class FastMistral(nn.Module):
             else:  # the same in one kernel (`decode_attention_rotary`)
                 attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
                                                self.n_heads, self.head_dim**-0.5, self.sliding_window)
-            x, h = add_rms_norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
-            x = x + layer.down(layer.gate_up.swiglu(h, masks), masks)
-        return self._logits(x)
+            x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
+            x, h = norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps)
+        return F.linear(h, self.lm_head).float()  # h: the last residual sum, normalized by the final norm
 
     def _split_qkv(self, qkv: torch.Tensor):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -343,9 +338,6 @@ class FastMistral(nn.Module):
         lead = qkv.shape[:-1]
         return (q.reshape(*lead, self.n_heads, self.head_dim), k.reshape(*lead, self.n_kv_heads, self.head_dim),
                 v.reshape(*lead, self.n_kv_heads, self.head_dim))
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head).float()
 
     def _prefill_mask(self, length: int) -> torch.Tensor | None:
         """None (plain causal) unless the sliding window binds inside this prefill."""

@@ -242,15 +242,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def nf4_swiglu(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+def nf4_swiglu(x: torch.Tensor, w: NF4Weight, early: bool = False) -> torch.Tensor:
     """`silu_mul(nf4_linear(x, w))` for the fused gate/up weight `w`: x (..., in) -> (..., out / 2).
 
     On the "cuda" backend the matmul's epilogue does SiLU and the product (one kernel, half the
-    output written, no elementwise kernel after it); elsewhere the two steps."""
+    output written, no elementwise kernel after it); elsewhere the two steps. `early`: see `nf4_linear`."""
     if w.backend != "cuda":
         return silu_mul(nf4_linear(x, w))
     rows = x.reshape(-1, w.in_features)
-    out = torch.ops.mistral_t4.nf4_swiglu_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+    out = torch.ops.mistral_t4.nf4_swiglu_fragments(rows, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
+                                                    early)
     return out.view(*x.shape[:-1], w.out_features // 2)
 
 
@@ -346,17 +347,19 @@ def _nf4_swiglu_fragments(
     code: torch.Tensor,
     code_fp16: torch.Tensor,
     tile_counters: torch.Tensor,
+    early: bool = False,
 ) -> torch.Tensor:
     """x (M, K) -> (M, N / 2) SiLU(gate) * up for the "cuda" backend's fused gate/up weight (N rows:
     gate's, then up's): in the matmul's epilogue where `nf4_cuda.swiglu_supported`, else
-    `mistral_t4::nf4_linear_fragments` and `silu_mul` (tile_counters: see `mistral_t4::nf4_linear`)."""
+    `mistral_t4::nf4_linear_fragments` and `silu_mul` (tile_counters: see `mistral_t4::nf4_linear`;
+    early: see `nf4_linear`)."""
     from . import multiprocessor_count, nf4_cuda
 
     if x.dtype == torch.float16 and nf4_cuda.swiglu_supported(x.shape[0], packed.shape[0], multiprocessor_count(x.device)):
-        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, swiglu=True)
-    return silu_mul(_nf4_linear_fragments(x, packed, absmax, code, code_fp16, tile_counters))
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, early=early, swiglu=True)
+    return silu_mul(_nf4_linear_fragments(x, packed, absmax, code, code_fp16, tile_counters, early))
 
 
 @_nf4_swiglu_fragments.register_fake
-def _(x, packed, absmax, code, code_fp16, tile_counters):
+def _(x, packed, absmax, code, code_fp16, tile_counters, early=False):
     return x.new_empty(x.shape[0], packed.shape[0] // 2)

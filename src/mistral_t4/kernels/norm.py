@@ -1,0 +1,47 @@
+"""RMSNorm and the residual add before it: the plain PyTorch reference and one Triton kernel.
+
+Each decoder layer of the decode step adds the attention's and then the MLP's output to the
+residual stream and normalizes the sum for the next matmul: `add_rms_norm`. Compiled by inductor
+that is one kernel already; `add_rms_norm_fused` is the same as a kernel of ours, so that on sm90
+it can take part in the chain of programmatic dependent launches (`kernels.early_launch`): it
+waits for the matmul before it at its start and lets the next matmul start its CTAs at once, so
+that the next weights stream in while it runs (`norm_triton.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as Hugging Face computes it: statistics in fp32, gain in the model dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next RMSNorm: (x + delta, rms_norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def add_rms_norm_fused(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """`add_rms_norm` of (rows, hidden) fp16/fp32 CUDA tensors in one Triton kernel (a custom op, so that
+    compiled graphs keep it as it is); the same roundings as eager PyTorch."""
+    return torch.ops.mistral_t4.add_rms_norm(x, delta, weight, eps)
+
+
+@torch.library.custom_op("mistral_t4::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cuda":
+        return add_rms_norm(x, delta, weight, eps)
+    from . import norm_triton
+
+    return norm_triton.add_rms_norm(x, delta, weight, eps)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, delta, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)

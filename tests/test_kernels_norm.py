@@ -1,0 +1,71 @@
+"""The residual add + RMSNorm: the reference against Hugging Face's RMSNorm, the Triton kernel against the reference.
+
+The Triton kernel runs under Triton's interpreter (TRITON_INTERPRET=1, see test_kernels_attention.py):
+`test_triton_kernel_in_interpreter` reruns this file's `interpreted` tests in a subprocess with it set.
+"""
+
+import pytest
+import torch
+
+from helpers import INTERPRETED, run_interpreted_tests
+from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused, rms_norm
+
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_kernel_in_interpreter")
+
+
+def random_case(rows, hidden, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=generator).to(dtype)
+    delta = torch.randn(rows, hidden, generator=generator).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(dtype)
+    return x, delta, weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_is_huggingface_rms_norm(dtype):
+    """`rms_norm` is transformers' MistralRMSNorm bit for bit; `add_rms_norm` adds first, in x's dtype."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    x, delta, weight = random_case(3, 96, dtype)
+    hf = MistralRMSNorm(96, eps=1e-5).to(dtype)
+    hf.weight.data = weight
+    assert torch.equal(rms_norm(x, weight, 1e-5), hf(x))
+    total, h = add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta) and torch.equal(h, hf(x + delta))
+
+
+def test_custom_op_on_cpu_is_the_reference():
+    """Off CUDA the op runs the reference; its fake implementation and schema pass opcheck."""
+    x, delta, weight = random_case(4, 96, torch.float32)
+    total, h = add_rms_norm_fused(x, delta, weight, 1e-5)
+    expected = add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, expected[0]) and torch.equal(h, expected[1])
+    torch.library.opcheck(torch.ops.mistral_t4.add_rms_norm, (x, delta, weight, 1e-5))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, hidden", [(1, 4096), (3, 96), (5, 40)])  # 96, 40: not powers of two
+def test_interpreted_kernel_matches_reference(dtype, rows, hidden):
+    """The Triton kernel on fresh random inputs: the residual sum exactly, the normalized output to
+    one rounding (the kernel sums the squares in another order), outputs poisoned before the run."""
+    from mistral_t4.kernels import norm_triton
+
+    x, delta, weight = random_case(rows, hidden, dtype, seed=rows + hidden)
+    strided = torch.randn(rows, hidden + 8).to(dtype)[:, :hidden]  # a row stride that is not the width
+    strided.copy_(delta)
+    poisoned = (torch.full_like(x, float("nan")), torch.full((rows, hidden + 3), float("nan"), dtype=dtype)[:, :hidden])
+    total, h = norm_triton.add_rms_norm(x, strided, weight, 1e-5, out=poisoned)
+    expected_total, expected_h = add_rms_norm(x, delta, weight, 1e-5)
+    assert not total.isnan().any() and not h.isnan().any()
+    assert torch.equal(total, expected_total)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(h, expected_h, rtol=tolerance, atol=tolerance)
+    again = norm_triton.add_rms_norm(x, delta, weight, 1e-5)  # fresh outputs: the same values
+    assert torch.equal(again[0], total) and torch.equal(again[1], h)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
+def test_triton_kernel_in_interpreter():
+    pytest.importorskip("triton")
+    run_interpreted_tests(__file__)
