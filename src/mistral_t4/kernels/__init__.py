@@ -1,8 +1,10 @@
 """Kernels of the decode step, each beside its plain-PyTorch reference.
 
-    nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (kernels: nf4_triton.py, nf4_cuda.py)
+    nf4.py        NF4Weight, nf4_linear, nf4_linear_reference   (kernels: nf4_triton.py, nf4_cuda.py);
+                  nf4_swiglu: SiLU(gate) * up of the fused gate/up projection (on "cuda" in the matmul's epilogue)
     attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py);
                   decode_attention_rotary (+ _reference): rotary, cache write and attention in one launch
+    norm.py       add_rms_norm (reference), add_rms_norm_fused (Triton kernel: norm_triton.py)
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
     CPU                          references
