@@ -29,6 +29,7 @@ GROUPS = (  # first match wins: (group, prefixes or substrings of the kernel nam
     ("fused_elementwise", ("triton_poi", "triton_red", "triton_per")),  # inductor's (named after the ops they fuse)
     ("nf4_matmul", ("nf4_matmul", "_nf4_", "gemm_4bit", "kgemm_4bit")),
     ("decode_attention", ("_decode_attention", "_combine_splits")),
+    ("add_rms_norm", ("_add_rms_norm",)),  # ours (kernels/norm_triton.py), since s9
     ("dense_gemm", ("gemm", "cutlass", "sm90_xmma", "ampere_", "sm80_", "nvjet")),
 )
 
