@@ -179,7 +179,7 @@ class FastMistral(nn.Module):
         shapes = {name: (linear.out_features, linear.in_features)
                   for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]
                   if linear.nf4 is not None and linear.nf4.backend == "cuda"}
-        swiglu = frozenset({"gate_up"} if not layer.gate_up.lora_index else ())  # `FastLinear.swiglu`'s choice
+        swiglu = frozenset({"gate_up"} if layer.gate_up.fuses_swiglu else ())  # as `FastLinear.swiglu` launches it
         return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device), swiglu)
 
     @property

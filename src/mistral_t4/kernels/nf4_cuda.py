@@ -46,9 +46,11 @@ the result is already a tensor-core register:
     32.2 / 56.0 / 85.7 for the two steps (H200, bench/results/h200_2026-11-27_s9_swiglu_early/).
   * Programmatic dependent launch (`early`, sm90): the kernel loads its first weights and builds
     its table before `griddepcontrol.wait`, and lets its dependents start after its main loop. The
-    decode step launches o (after the Triton attention kernels, which take part in the chain) and
-    down (after gate/up's SwiGLU kernel) early (`model.FastLayer`, `kernels.early_launch`): with the
-    epilogue, batch 1 2.52 -> 2.35 ms per token, W32 6,390 -> 6,550 output tok/s (same H200 results).
+    decode step launches every one of its CUDA NF4 matmuls early: qkv and gate/up after the add +
+    RMSNorm kernel (`norm_triton.py`), o after the Triton attention kernels, down after gate/up's
+    SwiGLU kernel, all of which take part in the chain (`model.FastMistral`, `kernels.early_launch`).
+    With the epilogue: batch 1 2.52 -> 2.18 ms per token, W32 6,390 -> 6,720 output tok/s (H200,
+    bench/results/h200_2026-11-27_s9_swiglu_early/ and h200_2026-11-27_s9_norm_chain/).
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU); the
 package's instances are `KERNELS`; bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
