@@ -130,6 +130,33 @@ def test_rotary_on_cpu_is_the_reference():
     assert torch.equal(k2, k) and torch.equal(v2, v)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
+@pytest.mark.parametrize("capability, pdl", [(80, False), (90, True)])
+def test_kernels_compile_for_gpus(capability, pdl):
+    """Both attention kernels (rotary mode, with splits) compiled here for sm80 / sm90, with no GPU: on
+    sm90 (programmatic dependent launch) each waits for the kernel before it before its first load and
+    releases the next one (the attention kernel after its loop, the merge first thing); on sm80 neither."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_t4.kernels import attention_triton
+
+    types = {"lengths_ptr": "*i32", "scale_log2e": "fp32"}
+    types.update(dict.fromkeys(["split_acc_ptr", "split_max_ptr", "split_sum_ptr"], "*fp32"))
+    constants = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_L=64, NUM_SPLITS=4, DOT_PRECISION="tf32", ROTARY=True,
+                     PDL=pdl, SPLITS_PAD=4)
+    for kernel in (attention_triton._decode_attention_kernel, attention_triton._combine_splits_kernel):
+        signature = {name: "constexpr" if name in constants else types.get(name, "*fp16" if name.endswith("_ptr") else "i32")
+                     for name in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={name: value for name, value in constants.items() if name in signature})
+        ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4)).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl, kernel
+        if pdl:
+            assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_triton_kernel_in_interpreter():
     pytest.importorskip("triton")

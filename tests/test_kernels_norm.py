@@ -65,6 +65,27 @@ def test_interpreted_kernel_matches_reference(dtype, rows, hidden):
     assert torch.equal(again[0], total) and torch.equal(again[1], h)
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
+@pytest.mark.parametrize("capability, pdl", [(80, False), (90, True)])
+def test_kernel_compiles_for_gpus(capability, pdl):
+    """The kernel compiled here for sm80 / sm90, with no GPU: on sm90 (programmatic dependent launch)
+    it waits for the kernel before it and releases the next one first thing, on sm80 neither."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mistral_t4.kernels import norm_triton
+
+    signature = {**dict.fromkeys(["x_ptr", "delta_ptr", "weight_ptr", "sum_ptr", "h_ptr"], "*fp16"),
+                 **dict.fromkeys(["n_cols", "stride_x", "stride_delta", "stride_sum", "stride_h"], "i32"),
+                 "eps": "fp32", "BLOCK": "constexpr", "PDL": "constexpr"}
+    source = ASTSource(fn=norm_triton._add_rms_norm_kernel, signature=signature, constexprs=dict(BLOCK=4096, PDL=pdl))
+    ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=8)).asm["ptx"]
+    assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+    if pdl:  # both before the first load of the inputs
+        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_triton_kernel_in_interpreter():
     pytest.importorskip("triton")
