@@ -146,7 +146,7 @@ __device__ __forceinline__ void nf4_bulk_body(
             }
         }
     }
-    nf4_matmul_store<1, NG, WARPS>(acc, out, partial, counters, M, N, stride_om, split_k, first, end, G0, flag);
+    nf4_matmul_store<1, NG, WARPS, false>(acc, out, partial, counters, M, N, stride_om, split_k, first, end, G0, flag);
 }
 
 #define NF4_BULK(NAME, NG, S, C, WARPS) \

@@ -31,8 +31,8 @@ def rotated_source():
     """The package's template with logical block b read at kb0 + (b - kb0 + rot) % blocks."""
     from mistral_t4.kernels import nf4_cuda
 
-    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS>"):
-                           nf4_cuda.SOURCE.index("#define NF4_MATMUL")]
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU>"):
+                           nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_rotated_body"),
              ("    const int g = lane >> 2, c = lane & 3;\n",
               "    const int g = lane >> 2, c = lane & 3;\n"
@@ -50,7 +50,7 @@ def rotated_source():
 extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_rotated(const u16* x, const uint4* wq,
         const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
         int stride_om, int split_k, int tile_groups) {{
-    nf4_rotated_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}>(x, wq, scales, code, out, partial, counters,
+    nf4_rotated_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}, false>(x, wq, scales, code, out, partial, counters,
         M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
 """
 
@@ -58,8 +58,8 @@ extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_rotat
 def source():
     from mistral_t4.kernels import nf4_cuda
 
-    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS>"):
-                           nf4_cuda.SOURCE.index("#define NF4_MATMUL")]
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU>"):
+                           nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_interleaved_body"),
              ("wp[q] = wq + (size_t)G * nb * 32 + lane;", "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),
              ("sp[q] = scales + (size_t)G * nb * 8 + g;", "sp[q] = scales + ((size_t)(G / NG) * nb * NG + G % NG) * 8 + g;"),
@@ -74,7 +74,7 @@ def source():
 extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_interleaved(const u16* x, const uint4* wq,
         const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
         int stride_om, int split_k, int tile_groups) {{
-    nf4_interleaved_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}>(x, wq, scales, code, out, partial, counters,
+    nf4_interleaved_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}, false>(x, wq, scales, code, out, partial, counters,
         M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
 """
 
