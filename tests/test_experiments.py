@@ -187,6 +187,7 @@ def test_step_profile_groups_kernels():
         "nf4_matmul32w", "_nf4_matmul_kernel", "kgemm_4bit_inference_naive<half, 128, 16>",
         "triton_red_fused__to_copy_add_mean_mul_nf4_linear_fragments_pow_rsqrt_11",
         "triton_poi_fused__to_copy_add_decode_attention_3", "_decode_attention_kernel", "_combine_splits_kernel",
-        "nvjet_sm90_hsh_256x8_64x6_2x1_v_bz_TNT", "void at::native::vectorized_elementwise_kernel<4>"]}
+        "nvjet_sm90_hsh_256x8_64x6_2x1_v_bz_TNT", "void at::native::vectorized_elementwise_kernel<4>",
+        "nf4_matmul32w_swiglu", "_add_rms_norm_kernel"]}
     assert list(groups.values()) == ["nf4_matmul"] * 3 + ["fused_elementwise"] * 2 + ["decode_attention"] * 2 + [
-        "dense_gemm", "other"]
+        "dense_gemm", "other", "nf4_matmul", "add_rms_norm"]
