@@ -26,6 +26,11 @@ results in bench/results/h200_2026-11-26_s7_early_launch/) made it slower on the
 2.674 / 2.677 -> 2.745 ms per token and W32 6,304 / 6,259 -> 6,213 output tok/s (same call,
 plain runs before and after), with the engine's logits unchanged (gpu_check.json there); the
 trial was dropped.
+Since session 9 the engine does use it: the kernels between the matmuls moved into kernels of
+ours that take part in the chain (SiLU into gate/up's epilogue, the residual add + RMSNorm and the
+attention kernels in Triton with `launch_pdl`), and every CUDA NF4 matmul of the decode step is
+launched early: batch 1 2.52 -> 2.18 ms per token, W32 6,390 -> 6,720 output tok/s (H200,
+bench/results/h200_2026-11-27_s9_swiglu_early/, h200_2026-11-27_s9_norm_chain/).
 """
 import os
 import sys
