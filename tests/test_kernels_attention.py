@@ -130,6 +130,16 @@ def test_rotary_on_cpu_is_the_reference():
     assert torch.equal(k2, k) and torch.equal(v2, v)
 
 
+def test_pdl_launch_options(monkeypatch):
+    """Our Triton kernels' launch options: PDL (and Triton's launch_pdl) exactly where `early_launch` says so."""
+    pytest.importorskip("triton")
+    from mistral_t4.kernels import attention_triton
+
+    assert attention_triton.pdl_options("cpu") == {"PDL": False}
+    monkeypatch.setattr(attention_triton, "early_launch", lambda device: True)
+    assert attention_triton.pdl_options("cuda") == {"PDL": True, "launch_pdl": True}
+
+
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
 @pytest.mark.parametrize("capability, pdl", [(80, False), (90, True)])
 def test_kernels_compile_for_gpus(capability, pdl):

@@ -114,9 +114,9 @@ def describe(choice: dict[str, str]) -> str:
 def early_launch(device) -> bool:
     """Whether kernels on `device` chain by programmatic dependent launch (sm90: a kernel's CTAs may
     start while the kernel before it finishes, and wait in the kernel for its results): the decode
-    attention after the qkv projection, its merge after it, the o projection after those, the down
-    projection after the gate/up one. MISTRAL_T4_EARLY_LAUNCH=0 launches them one after the other
-    (to compare)."""
+    step's kernels, each of a layer following one of ours (`model.FastMistral`): the add + RMSNorm
+    kernel, qkv, the decode attention and its merge, o, the add + RMSNorm kernel, gate/up with SiLU,
+    down. MISTRAL_T4_EARLY_LAUNCH=0 launches them one after the other (to compare)."""
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
             and os.environ.get(EARLY_LAUNCH_ENV, "1") != "0")

@@ -52,8 +52,15 @@ from . import early_launch, multiprocessor_count
 
 try:  # programmatic dependent launch from Triton kernels (Triton >= 3.3; used on sm90 only)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older Triton: PDL stays off (`_launch`), these are never traced
+except ImportError:  # an older Triton: PDL stays off (`pdl_options`), these are never traced
     gdc_launch_dependents = gdc_wait = None
+
+
+def pdl_options(device) -> dict:
+    """Launch options of our Triton kernels that take part in the chain of programmatic dependent
+    launches (`kernels.early_launch`): their PDL constexpr, and Triton's `launch_pdl` when it is on."""
+    pdl = gdc_wait is not None and early_launch(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 @triton.jit
@@ -294,9 +301,7 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
     else:
         split_acc = split_max = split_sum = out  # not touched
     rotary = cos is not None
-    # sm90: chained to the kernels before and after by programmatic dependent launch (`early_launch`)
-    pdl = gdc_wait is not None and early_launch(q.device)
-    chained = {"launch_pdl": True} if pdl else {}
+    chained = pdl_options(q.device)  # sm90: chained to the kernels before and after
     _decode_attention_kernel[(batch, n_kv_heads, num_splits)](
         q,
         k_cache,
@@ -329,7 +334,6 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ROTARY=rotary,
-        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         # no multiply-add contraction: with it the rotary products were not rounded where eager PyTorch rounds
@@ -349,7 +353,6 @@ def _launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, si
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
-            PDL=pdl,
             **chained,
         )
     return out

@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import early_launch
-from .attention_triton import gdc_launch_dependents, gdc_wait
+from .attention_triton import gdc_launch_dependents, gdc_wait, pdl_options
 
 
 @triton.jit
@@ -58,10 +57,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     assert total.shape == h.shape == x.shape and total.stride(1) == h.stride(1) == 1
     if x.shape[0] == 0:
         return total, h
-    pdl = gdc_wait is not None and early_launch(x.device)
     block = triton.next_power_of_2(x.shape[1])
     _add_rms_norm_kernel[(x.shape[0],)](
         x, delta, weight, total, h, x.shape[1], x.stride(0), delta.stride(0), total.stride(0), h.stride(0), eps,
-        BLOCK=block, PDL=pdl, num_warps=min(16, max(1, block // 512)), **({"launch_pdl": True} if pdl else {}),
+        BLOCK=block, num_warps=min(16, max(1, block // 512)), **pdl_options(x.device),
     )
     return total, h
