@@ -115,6 +115,26 @@ def test_wide_experiment_compiles(tmp_path):
     assert all(wide.column_tiles(m) == nt for m, nt in [(1, 1), (8, 1), (9, 2), (16, 2), (17, 4), (32, 4)])
 
 
+def test_wide_experiment_scale_a_variants(tmp_path):
+    """A fifth value 1 in a variant of nf4_wide.py / nf4_ranges.py --variants instantiates the package's
+    `scale_a` kernel (looked-up weights times their absmax in fp16 before the MMAs): HMUL2 there only."""
+    wide = load("nf4_wide")
+    variants = [(4, 2, 4, 12), (4, 2, 4, 12, 1)]
+    _, sass = compiled(wide.source(variants), "sm_90", tmp_path)
+    functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+    assert ["HMUL2" in functions[wide.name(v)] for v in variants] == [False, True]
+
+
+def test_mma_rate_experiment_compiles(tmp_path):
+    """bench/experiments/mma_rate.py's kernels compile for sm_90: the MMAs with fp32 and fp16 accumulators,
+    and the table lookup as the package does it (one PRMT per shared-memory load)."""
+    rate = load("mma_rate")
+    _, sass = compiled(rate.SOURCE, "sm_90", tmp_path)
+    functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
+    assert "HMMA.16816.F32" in functions["mma_f32_8"] and "HMMA.16816.F16" in functions["mma_f16_8"]
+    assert functions["lookup"].count("PRMT") >= 16 and functions["lookup"].count("LDS") >= 16
+
+
 def test_stream_experiment_compiles(tmp_path):
     """bench/experiments/nf4_stream.py's kernels (the package kernel's loads with its arithmetic
     taken out) compile for sm_90 beside the package's; only the table variant reads shared memory."""

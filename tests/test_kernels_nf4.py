@@ -303,9 +303,12 @@ def test_cuda_geometry_rule():
     chosen = {name: matmul_geometry(n, k, 132) for name, k, n in [
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
     assert chosen == {"qkv": (4, 1, 8), "o": (2, 1, 16), "gate_up": (14, 1, 2), "down": (2, 1, 16)}
-    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=1) for name, k, n in [  # the 32-row kernel's
+    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=1) for name, k, n in [  # 16 warps of 1 group
         ("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]}
     assert chosen == {"qkv": (4, 1, 4), "o": (2, 1, 8), "gate_up": (14, 1, 1), "down": (2, 1, 8)}
+    chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=2, warps=12) for name, k, n in [  # the 32-row one's
+        ("o", 4096, 4096), ("down", 14336, 4096)]}
+    assert chosen == {"o": (2, 1, 12), "down": (2, 1, 12)}  # the sweep's best
     chosen = {name: matmul_geometry(n, k, 132, groups_per_warp=4, warps=8) for name, k, n in [  # the wide one's
         ("qkv", 4096, 6144), ("gate_up", 4096, 28672)]}
     assert chosen == {"qkv": (4, 1, 8), "gate_up": (14, 1, 2)}
@@ -323,19 +326,20 @@ def test_cuda_geometry_rule():
     from mistral_t4.kernels.nf4_cuda import describe_plans
 
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-    assert describe_plans(32, shapes, 132) == {"qkv": "nf4_matmul32w (4, 1, 8)", "o": "nf4_matmul32 (2, 1, 8)",
-                                               "gate_up": "nf4_matmul32w (14, 1, 2)", "down": "nf4_matmul32 (2, 1, 8)"}
+    assert describe_plans(32, shapes, 132) == {"qkv": "nf4_matmul32w (4, 1, 8)", "o": "nf4_matmul32 (2, 1, 12)",
+                                               "gate_up": "nf4_matmul32w (14, 1, 2)", "down": "nf4_matmul32 (2, 1, 12)"}
     assert describe_plans(64, shapes, 132) == {"qkv": "nf4_matmul64 (4, 1, 4)", "o": "nf4_matmul64 (2, 1, 8)",
                                                "gate_up": "nf4_matmul64 (14, 1, 1)", "down": "nf4_matmul64 (2, 1, 8)"}
     assert describe_plans(1, shapes, 132) == {"qkv": "nf4_matmul (4, 1, 8)", "o": "nf4_matmul (2, 1, 16)",
                                               "gate_up": "nf4_matmul (14, 1, 2)", "down": "nf4_matmul (2, 1, 16)"}
-    # SiLU(gate) * up in the epilogue: the same warps and ranges over half the output groups; the narrow
-    # 32-row kernel (1 group per warp) has no such instance
+    # SiLU(gate) * up in the epilogue: the same warps and ranges over half the output groups; a kernel of
+    # 1 group per warp has no such instance
     swiglu = frozenset({"gate_up"})
     assert {rows: describe_plans(rows, shapes, 132, swiglu)["gate_up"] for rows in (1, 16, 32, 64)} == {
         1: "nf4_matmul_swiglu (7, 1, 2)", 16: "nf4_matmul16_swiglu (7, 1, 2)", 32: "nf4_matmul32w_swiglu (7, 1, 2)",
         64: "nf4_matmul64_swiglu (7, 1, 1)"}
-    assert describe_plans(32, {"gate_up": (2048, 4096)}, 132, swiglu) == {"gate_up": "nf4_matmul32 (2, 1, 8)"}
+    assert describe_plans(32, {"gate_up": (2048, 4096)}, 132, swiglu) == {"gate_up": "nf4_matmul32_swiglu (1, 2, 8)"}
+    assert describe_plans(32, {"gate_up": (2064, 4096)}, 132, swiglu) == {"gate_up": "nf4_matmul32 (2, 2, 8)"}  # odd halves
     for n, k, sms in [(16, 64, 1000), (16, 256, 1000), (64, 1 << 20, 1000), (1 << 20, 4096, 1), (28672, 4096, 58),
                       (4096, 4096, 114), (960, 576, 40)]:
         for groups_per_warp, warps in {(GROUPS_PER_WARP, WARPS), (1, WARPS)} | {(k.groups, k.warps) for k in KERNELS}:
@@ -352,7 +356,8 @@ def test_cuda_geometry_rule():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
 def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     """The "cuda" backend's source, compiled here by NVRTC (a test dependency) with no GPU:
-    it compiles, keeps everything in registers, and uses the tensor cores (HMMA)."""
+    it compiles, keeps everything in registers, and uses the tensor cores (HMMA); the `scale_a`
+    kernels, and only they, multiply in fp16 pairs."""
     from mistral_t4.kernels import nf4_cuda
 
     if nf4_cuda.nvrtc_library() is None:
@@ -364,8 +369,10 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True, check=True).stdout
-    names = [kernel.name for kernel in nf4_cuda.KERNELS] + [k.name + "_swiglu" for k in nf4_cuda.KERNELS if k.swiglu]
-    assert len(names) == 9 and all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
+    specs = {kernel.name: kernel for kernel in nf4_cuda.KERNELS}
+    specs |= {kernel.name + "_swiglu": kernel for kernel in nf4_cuda.KERNELS if kernel.swiglu}
+    names = list(specs)
+    assert len(names) == 10 and all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
     assert len(re.findall(r"LOCAL:0\b", usage)) == len(names) + 2 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}
@@ -374,6 +381,8 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
         # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
         assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
         assert len(re.findall(r"\bLDS\b", matmul)) >= 16
+        # `scale_a` kernels scale the looked-up pairs in fp16 (HMUL2) before the MMAs; the others scale sums in fp32
+        assert ("HMUL2" in matmul) == specs[name].scale_a
         # programmatic dependent launch on sm90 (griddepcontrol.wait / .launch_dependents), nothing on older cards
         assert ("ACQBULK" in matmul and "PREEXIT" in matmul) == (arch == "sm_90")
 
@@ -455,7 +464,8 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     column tiles of 8 rows, row groups per warp and warps) step by step on CPU: the table built in a byte array standing for the CTA's
     shared window, each pair's address from prmt, the loads each lane makes, mma.sync m16n8k16's
     fragment semantics (A rows g / g + 8, K slots 2c, 2c + 1 / + 8; B K slots 2c, 2c + 1 / + 8 of
-    column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling, the warps' K ranges
+    column g; D rows g / g + 8, columns 2c, 2c + 1), the per-block scaling (`scale_a` kernels: each
+    looked-up pair times its row's absmax in fp16, before the MMAs), the warps' K ranges
     (`slices`) and their sums, the stores and the split-K sum in split order. Products and sums
     in fp64 (the tensor core's order differs). `swiglu`: the `_swiglu` instance for a fused gate/up
     weight, tiles in output groups, each warp's first half of groups gate's and second half up's
@@ -483,9 +493,13 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
     g, c = lane >> 2, lane & 3
     lane_base = table | (lane << 2)
     # the byte permutes of A registers a0..a3, as the kernel's source has them
-    selectors = dict(re.findall(r"const u32 a(\d) = lds\(prmt\(w, lane_base, (0x[0-9a-fA-F]+)\)\);", nf4_cuda.SOURCE))
+    selectors = dict(re.findall(r"u32 a(\d) = lds\(prmt\(w, lane_base, (0x[0-9a-fA-F]+)\)\);", nf4_cuda.SOURCE))
     selectors = [int(selectors[str(j)], 16) for j in range(4)]
     # where lane c's x values start (in halves) and where its second 16-byte load is (in 16-byte units), as the source has them
+    # which absmax scales each A register of the `scale_a` kernels (0: row g, 1: row g + 8), as the source has it
+    scale_rows = {int(j): int(name == "scale_g8")
+                  for j, name in re.findall(r"a(\d) = hmul2\(a\d, (scale_g8|scale_g)\);", nf4_cuda.SOURCE)}
+    assert sorted(scale_rows) == [0, 1, 2, 3]
     x_lane_halves = int(re.search(r"x \+ \(size_t\)row \* stride_xm \+ c \* (\d+)\)", nf4_cuda.SOURCE).group(1))
     x_second = int(re.search(r"hi = ld_x\(xp \+ b \* 8 \+ (\d+)\)", nf4_cuda.SOURCE).group(1))
 
@@ -531,8 +545,13 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                             if swiglu and q >= per_warp:  # the up rows of output group g0 + q - per_warp
                                 gq = min(g0 + q - per_warp, end - 1) + n_groups // 2
                             block = np.zeros((column_tiles, 32, 4))
+                            pair = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
                             for t in range(4):
                                 a = [lds(prmt_lanes(words[gq, b, :, t], selectors[j])) for j in range(4)]
+                                if spec.scale_a:  # the weights in fp16: each pair times its row's absmax, rounded
+                                    half = pair.astype(np.float16).astype(np.float64)
+                                    a = [(v * half[:, [scale_rows[j]]]).astype(np.float16).astype(np.float64)
+                                         for j, v in enumerate(a)]
                                 A = np.zeros((16, 16))
                                 for l in range(32):
                                     A[g[l], 2 * c[l]:2 * c[l] + 2] = a[0][l]
@@ -549,8 +568,7 @@ def _emulate_cuda_matmul(x, fragments, scales, code_fp16, split_k, tile_groups, 
                                     for l in range(32):
                                         block[nt, l] += [D[g[l], 2 * c[l]], D[g[l], 2 * c[l] + 1],
                                                          D[g[l] + 8, 2 * c[l]], D[g[l] + 8, 2 * c[l] + 1]]
-                            pair = pairs[gq, b, g]  # (32, 2): absmax of rows g and g + 8
-                            acc[q] += block * np.repeat(pair, 2, axis=1)
+                            acc[q] += block if spec.scale_a else block * np.repeat(pair, 2, axis=1)
                 sums[warp] = (s, g0, acc)
             for warp, (s, g0, acc) in sums.items():
                 if s != 0:  # only range 0's warps store, after adding the other ranges' sums in range order

@@ -31,7 +31,7 @@ def rotated_source():
     """The package's template with logical block b read at kb0 + (b - kb0 + rot) % blocks."""
     from mistral_t4.kernels import nf4_cuda
 
-    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU>"):
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU"):
                            nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_rotated_body"),
              ("    const int g = lane >> 2, c = lane & 3;\n",
@@ -58,7 +58,7 @@ extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_rotat
 def source():
     from mistral_t4.kernels import nf4_cuda
 
-    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU>"):
+    body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU"):
                            nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_interleaved_body"),
              ("wp[q] = wq + (size_t)G * nb * 32 + lane;", "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),

@@ -48,6 +48,12 @@ Results (H200, CUDA-graph replay with L2 flushed):
     the package's 106.8 (qkv 17.0 vs 17.5, gate_up 48.1 vs 48.7 with 3 slots; down 26.8 vs 28.4 with
     12 warps of 2 groups and 2 slots); at 8 rows the same within 1%; at 64 rows one slot (no lead)
     loses (18.8 vs 15.8 us on o). 2.6% at 32 rows for two more kernels: not taken.
+  * nf4_ranges_scale_a_h200_2026-11-27.json (`--rows 16,32,64 --variants ...`; a fifth value 1 = the
+    package's `scale_a`: the looked-up weights times their absmax in fp16, the MMAs straight into the
+    accumulators): per layer at 32 rows the package's 106.8 us against 101.7 for (4, 2, 4, 12, 1) on o
+    and down (12.3 / 25.5 vs 12.5 / 28.4) and (4, 4, 2, 8, 1) on qkv and gate_up (17.0 / 46.9 vs 17.5 /
+    48.5); at 16 and 64 rows no gain (76.0 vs 76.8; 155.4 vs 158.0 for the best scale_a per shape where
+    all four take it). The package took both 32-row variants (bench/results/h200_2026-11-27_s10_scale_a/).
 """
 import argparse
 import importlib.util
@@ -83,8 +89,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--previous", help="another version's nf4_cuda.py to time beside the package's kernel")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x to time, e.g. 8,32,64")
+    parser.add_argument("--variants", help="the template's variants instead of V, e.g. '4,4,2,8;4,4,2,8,1' "
+                                           "(a fifth value 1: weights scaled in fp16 before the MMAs)")
     args = parser.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
+    global V
+    if args.variants:
+        V = [tuple(int(value) for value in v.split(",")) for v in args.variants.split(";")]
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     import nf4_wide

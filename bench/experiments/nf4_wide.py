@@ -56,10 +56,12 @@ VARIANTS = [PACKAGE, (1, 1, 4, 16), (1, 1, 4, 32), (2, 1, 4, 16), (4, 1, 4, 16)]
 
 
 def source(variants=VARIANTS):
-    """The package's kernel source, its template instantiated for each variant."""
+    """The package's kernel source, its template instantiated for each variant: (NT, NG, D, WARPS), and a fifth
+    value 1 for the package's `scale_a` (weights scaled in fp16 before the MMAs)."""
     from mistral_t4.kernels import nf4_cuda
 
-    return nf4_cuda.SOURCE + "".join(f"NF4_MATMUL({name(v)}, {', '.join(map(str, v))})\n" for v in variants)
+    return nf4_cuda.SOURCE + "".join(
+        nf4_cuda.instance(nf4_cuda.Kernel(name(v), 8 * v[0], *v[:4], scale_a=bool(v[4:] and v[4]))) for v in variants)
 
 
 def name(v):

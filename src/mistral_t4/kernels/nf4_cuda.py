@@ -24,10 +24,14 @@ the result is already a tensor-core register:
   * `mma.sync.m16n8k16` with the table values as operand A straight from those registers, x
     as operand B (1, 2 or 4 column tiles of 8 rows); a 64-weight block shares one absmax per
     row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
-    accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights);
-  * each warp owns 2 groups of 16 weight rows (1 in the 32-row kernel, for registers) that
-    share x's fragments, with a ring of 4 blocks of 128-bit weight loads that skip L1,
-    refilled as each block is used;
+    accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights). At
+    32 rows (4 tiles) the 16 multiplies cost no more than the 16 FMAs, and the kernels take them
+    (`Kernel.scale_a`): the pairs times their rows' absmax in fp16 (as the reference's dequantized
+    W), the MMAs straight into the accumulators, independent chains and 62 registers fewer; per
+    layer 106.8 -> 101.7 us, W32 +1.7% (H200, bench/results/h200_2026-11-27_s10_scale_a/);
+  * each warp owns 2 groups of 16 weight rows (4 in the wide 32-row kernel) that share x's
+    fragments, with a ring of 4 blocks of 128-bit weight loads that skip L1 (2 in the wide
+    kernel and at 64 rows, for registers), refilled as each block is used;
   * the ring's first loads go out before the table is built, so the table waits under them;
   * K cut into ranges among a CTA's warps (`slices`: a CTA of 2 row groups has 16 warps each
     on a 16th of K), their sums added in shared memory in range order; split-K across CTAs
@@ -51,7 +55,7 @@ the result is already a tensor-core register:
     SwiGLU kernel, all of which take part in the chain (`model.FastMistral`, `kernels.early_launch`).
     With the epilogue: batch 1 2.52 -> 2.18 ms per token, W32 6,390 -> 6,720 output tok/s (H200,
     bench/results/h200_2026-11-27_s9_swiglu_early/ and h200_2026-11-27_s9_norm_chain/).
-`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU); the
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU, scale_a); the
 package's instances are `KERNELS`; bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
@@ -109,7 +113,9 @@ WARPS = 16  # warps per CTA of the narrow kernels (one CTA per SM)
 
 class Kernel(NamedTuple):
     """One instance of the template: up to `rows` rows of x, `tiles` column tiles of 8 rows, `groups`
-    row groups of 16 weight rows per warp (sharing x's fragments), a ring of `ring` blocks, `warps` warps."""
+    row groups of 16 weight rows per warp (sharing x's fragments), a ring of `ring` blocks, `warps` warps;
+    `scale_a`: the looked-up weights are scaled in fp16 before the MMAs, which then sum straight into the
+    accumulators (instead of each block's MMAs into fresh registers scaled once per block in fp32)."""
 
     name: str
     rows: int
@@ -117,6 +123,7 @@ class Kernel(NamedTuple):
     groups: int
     ring: int
     warps: int
+    scale_a: bool = False
 
     @property
     def reduce_bytes(self) -> int:  # the sums of a CTA's K ranges in shared memory
@@ -130,10 +137,14 @@ class Kernel(NamedTuple):
 KERNELS = (
     Kernel("nf4_matmul", 8, 1, 2, 4, WARPS),
     Kernel("nf4_matmul16", 16, 2, 2, 4, WARPS),
-    Kernel("nf4_matmul32", 32, 4, 1, 4, WARPS),  # 1 group per warp: 16 warps x 4 tiles fill the registers
-    # 8 warps of 4 groups (255 registers): each x fragment serves 4 groups, a quarter of the narrow kernel's L1 loads
-    # per weight, which pays where N gives each CTA enough groups (`kernel_for`)
-    Kernel("nf4_matmul32w", 32, 4, 4, 2, 8),
+    # 32 rows: the weights scaled in fp16 before the MMAs, which sum straight into the accumulators (`scale_a`:
+    # 255 -> 193 registers for the wide one; per layer 106.8 -> 101.7 us, H200,
+    # bench/experiments/nf4_ranges_scale_a_h200_2026-11-27.json). 12 warps of 2 groups (159 registers) for
+    # o and down: 12.3 / 25.5 us against 12.5 / 28.4 for 16 warps of 1 group
+    Kernel("nf4_matmul32", 32, 4, 2, 4, 12, scale_a=True),
+    # 8 warps of 4 groups: each x fragment serves 4 groups, half the L1 loads of x per weight, which pays where N
+    # gives each CTA enough groups (`kernel_for`): qkv 17.0 and gate_up 46.9 us against 16.9 / 51.8 for the 12 warps
+    Kernel("nf4_matmul32w", 32, 4, 4, 2, 8, scale_a=True),
     # 64 rows: 8 warps of 2 groups, 8 column tiles, a ring of 2 (255 registers); per layer 156.9 us against
     # Triton's 169.4 (H200, bench/experiments/nf4_ranges_rows64_h200_2026-11-27.json)
     Kernel("nf4_matmul64", 64, 8, 2, 2, 8),
@@ -145,14 +156,13 @@ ENGINE_ROWS = 64  # engines of at most this many slots take these kernels (MISTR
 
 
 def kernel_for(m: int, n: int, sm_count: int) -> Kernel:
-    """The kernel for x of m rows and N = n: the fewest rows >= m; at 32 rows the wide one where N has at
-    least 2 row groups per SM (on 132 SMs qkv and gate_up: 17.7 / 48.9 us against 19.5 / 58.2 for the narrow
-    one; o and down, 256 groups, keep the narrow one: 12.3 / 28.6 us, the wide one's best 17.3 / 32.1;
+    """The kernel for x of m rows and N = n: the fewest rows >= m; at 32 rows the one of most groups per warp
+    (nf4_matmul32w) where N has at least 2 row groups per SM (on 132 SMs qkv and gate_up), else the one of fewest
+    (o and down, 256 groups: the wide one's best was 17.3 / 32.1 us against 12.3 / 28.6 for 16 warps of 1 group;
     H200, bench/experiments/nf4_ranges_wide32_h200_2026-11-26.json)."""
     rows = min(kernel.rows for kernel in KERNELS if kernel.rows >= m)
-    fits = [kernel for kernel in KERNELS if kernel.rows == rows]
-    wide = [kernel for kernel in fits if kernel.warps < WARPS]
-    return wide[0] if wide and n // GROUP >= 2 * sm_count else fits[0]
+    fits = sorted((kernel for kernel in KERNELS if kernel.rows == rows), key=lambda kernel: kernel.groups)
+    return fits[-1] if n // GROUP >= 2 * sm_count else fits[0]
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -195,6 +205,12 @@ __device__ __forceinline__ u16 to_half(float f) {
     return h;
 }
 
+__device__ __forceinline__ u32 to_half2(float lo, float hi) {  // (lo, hi) rounded to fp16, lo in the low half
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r; }
 __device__ __forceinline__ u32 lds(u32 address) { u32 r; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(address)); return r; }
 __device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {  // C = 0
@@ -331,7 +347,7 @@ __device__ __forceinline__ void nf4_matmul_store(
 // and REDUCE_BYTES more when slices > 1 unless the window has them below the table. counters: >= gridDim.x
 // ints, zero on entry and on exit. SWIGLU (W the fused gate/up weight, out (M, N / 2)): the same over the
 // N / 2 outputs, grid (cdiv(N / 32, tile_groups), split_k), each warp on NG / 2 outputs' gate and up groups.
-template <int NT, int NG, int D, int WARPS, bool SWIGLU>
+template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -405,29 +421,44 @@ __device__ __forceinline__ void nf4_matmul_body(
                     for (int nt = 0; nt < NT; nt++) ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1]);
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
-                        float block[NT][4];  // this block's sums, scaled once below
+                        float block[NT][4];  // this block's sums, scaled once below (not SCALE_A)
+                        // absmax of rows g (.x: A registers a0, a2) and g + 8 (.y: a1, a3), in fp32
+                        const float s0 = __uint_as_float(sr[d][q].x), s1 = __uint_as_float(sr[d][q].y);
+                        u32 scale_g = 0, scale_g8 = 0;  // SCALE_A: each as an fp16 pair
+                        if constexpr (SCALE_A) {
+                            const u32 both = to_half2(s0, s1);
+                            scale_g = prmt(both, both, 0x1010);
+                            scale_g8 = prmt(both, both, 0x3232);
+                        }
                         #pragma unroll
                         for (int t = 0; t < 4; t++) {
                             const u32 w = word(wr[d][q], t);
-                            const u32 a0 = lds(prmt(w, lane_base, 0x7604));
-                            const u32 a1 = lds(prmt(w, lane_base, 0x7614));
-                            const u32 a2 = lds(prmt(w, lane_base, 0x7624));
-                            const u32 a3 = lds(prmt(w, lane_base, 0x7634));
+                            u32 a0 = lds(prmt(w, lane_base, 0x7604));
+                            u32 a1 = lds(prmt(w, lane_base, 0x7614));
+                            u32 a2 = lds(prmt(w, lane_base, 0x7624));
+                            u32 a3 = lds(prmt(w, lane_base, 0x7634));
+                            if constexpr (SCALE_A) {  // the weights in fp16, as the reference's dequantized W
+                                a0 = hmul2(a0, scale_g);
+                                a1 = hmul2(a1, scale_g8);
+                                a2 = hmul2(a2, scale_g);
+                                a3 = hmul2(a3, scale_g8);
+                            }
                             #pragma unroll
                             for (int nt = 0; nt < NT; nt++) {
                                 const uint4 xw = xv[nt][t >> 1];
-                                if (t == 0) mma0(block[nt], a0, a1, a2, a3, word(xw, 0), word(xw, 1));
+                                if (SCALE_A) mma(acc[q][nt], a0, a1, a2, a3, word(xw, (2 * t) & 3), word(xw, (2 * t + 1) & 3));
+                                else if (t == 0) mma0(block[nt], a0, a1, a2, a3, word(xw, 0), word(xw, 1));
                                 else mma(block[nt], a0, a1, a2, a3, word(xw, (2 * t) & 3), word(xw, (2 * t + 1) & 3));
                             }
                         }
-                        // block[nt][2h + e]: weight row g + 8h, so absmax .x (h = 0) or .y (h = 1), in fp32
-                        const float s0 = __uint_as_float(sr[d][q].x), s1 = __uint_as_float(sr[d][q].y);
-                        #pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            acc[q][nt][0] = fmaf(s0, block[nt][0], acc[q][nt][0]);
-                            acc[q][nt][1] = fmaf(s0, block[nt][1], acc[q][nt][1]);
-                            acc[q][nt][2] = fmaf(s1, block[nt][2], acc[q][nt][2]);
-                            acc[q][nt][3] = fmaf(s1, block[nt][3], acc[q][nt][3]);
+                        if constexpr (!SCALE_A) {  // block[nt][2h + e]: weight row g + 8h, so s0 (h = 0) or s1 (h = 1)
+                            #pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                acc[q][nt][0] = fmaf(s0, block[nt][0], acc[q][nt][0]);
+                                acc[q][nt][1] = fmaf(s0, block[nt][1], acc[q][nt][1]);
+                                acc[q][nt][2] = fmaf(s1, block[nt][2], acc[q][nt][2]);
+                                acc[q][nt][3] = fmaf(s1, block[nt][3], acc[q][nt][3]);
+                            }
                         }
                     }
                     if (b + D < kb1) {  // refill the slot just used: no register copies
@@ -471,15 +502,15 @@ __device__ __forceinline__ void nf4_matmul_body(
                                             tile.slice == 0 ? G0 : end, flag);
 }
 
-#define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU) \
+#define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k, int tile_groups, int slices) { \
-    nf4_matmul_body<NT, NG, D, WARPS, SWIGLU>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, stride_om, \
-                                              split_k, tile_groups, slices); }
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME, NT, NG, D, WARPS, false)
+    nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, \
+                                                       stride_om, split_k, tile_groups, slices); }
+#define NF4_MATMUL(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME, NT, NG, D, WARPS, false, false)
 // NAME_swiglu: out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused gate/up weight (nf4_matmul_store)
-#define NF4_MATMUL_SWIGLU(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME##_swiglu, NT, NG, D, WARPS, true)
+#define NF4_MATMUL_SWIGLU(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME##_swiglu, NT, NG, D, WARPS, true, false)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
@@ -522,9 +553,13 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 
 # the package's instances (`KERNELS`)
-SOURCE += "".join(f"NF4_MATMUL({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n" for k in KERNELS)
-SOURCE += "".join(f"NF4_MATMUL_SWIGLU({k.name}, {k.tiles}, {k.groups}, {k.ring}, {k.warps})\n"
-                  for k in KERNELS if k.swiglu)
+def instance(kernel: Kernel, swiglu: bool = False) -> str:
+    """The source line that instantiates `kernel` (its `_swiglu` instance with `swiglu`)."""
+    return (f"NF4_KERNEL({kernel.name}{'_swiglu' if swiglu else ''}, {kernel.tiles}, {kernel.groups}, {kernel.ring}, "
+            f"{kernel.warps}, {str(bool(swiglu)).lower()}, {str(bool(kernel.scale_a)).lower()})\n")
+
+
+SOURCE += "".join(instance(k) for k in KERNELS) + "".join(instance(k, swiglu=True) for k in KERNELS if k.swiglu)
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -575,9 +610,10 @@ def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
     ~3.9 us per CTA, ~2 us for a split). Over even T and power-of-two splits of >= 4 K blocks
     each, the least cost; ties go to the smaller split, then more groups per CTA. On 132 SMs:
     qkv (4, 1, 8) = 96 CTAs, o and down (2, 1, 16), gate_up (14, 1, 2); with 1 group per warp
-    (the 32-row kernel) qkv (4, 1, 4), o and down (2, 1, 8), gate_up (14, 1, 1), which a sweep
-    at 32 rows found best too (bench/experiments/nf4_ranges.py); the wide 32-row kernel (8 warps of 4
-    groups) qkv (4, 1, 8), gate_up (14, 1, 2), within 2% of its sweep's best.
+    qkv (4, 1, 4), o and down (2, 1, 8), gate_up (14, 1, 1), which a sweep at 32 rows found best
+    too (bench/experiments/nf4_ranges.py); the 32-row kernels: 12 warps of 2 groups o and down
+    (2, 1, 12), 8 warps of 4 groups qkv (4, 1, 8) and gate_up (14, 1, 2), each its sweep's best or
+    within 2% (bench/experiments/nf4_ranges_scale_a_h200_2026-11-27.json).
     `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
