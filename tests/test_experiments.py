@@ -211,3 +211,15 @@ def test_step_profile_groups_kernels():
         "nf4_matmul32w_swiglu", "_add_rms_norm_kernel"]}
     assert list(groups.values()) == ["nf4_matmul"] * 3 + ["fused_elementwise"] * 2 + ["decode_attention"] * 2 + [
         "dense_gemm", "other", "nf4_matmul", "add_rms_norm"]
+
+
+def test_step_profile_advances():
+    """bench/step_profile.py credits each kernel with the time by which it moved the end of the GPU's work:
+    a kernel under a longer one (launched early, overlapping it) gets nothing, idle time nobody, and the
+    credits add up to the busy time."""
+    spec = importlib.util.spec_from_file_location("step_profile", EXPERIMENTS.parent / "step_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    spans = [(0.0, 10.0, "a"), (5.0, 12.0, "b"), (6.0, 8.0, "c"), (15.0, 20.0, "a"), (16.0, 21.0, "b")]
+    assert dict(profile.advances(spans)) == {"a": 15.0, "b": 3.0, "c": 0.0}
+    assert dict(profile.advances(list(reversed(spans)))) == {"a": 15.0, "b": 3.0, "c": 0.0}
