@@ -223,3 +223,17 @@ def test_step_profile_advances():
     spans = [(0.0, 10.0, "a"), (5.0, 12.0, "b"), (6.0, 8.0, "c"), (15.0, 20.0, "a"), (16.0, 21.0, "b")]
     assert dict(profile.advances(spans)) == {"a": 15.0, "b": 3.0, "c": 0.0}
     assert dict(profile.advances(list(reversed(spans)))) == {"a": 15.0, "b": 3.0, "c": 0.0}
+
+
+def test_timeline_experiment_compiles(tmp_path):
+    """bench/experiments/nf4_timeline.py: the package's kernels with timestamps at the template's phase
+    boundaries compile for sm_90 (its string substitutions still find their places), with and without
+    the table built from constants."""
+    timeline = load("nf4_timeline")
+    from mistral_t4.kernels import nf4_cuda
+
+    for constant in (False, True):
+        usage, sass = compiled(timeline.source(constant), "sm_90", tmp_path)
+        names = [f"timed_{k.name}_0" for k in nf4_cuda.KERNELS] + [f"timed_{k.name}_swiglu_3" for k in nf4_cuda.KERNELS if k.swiglu]
+        assert all(name in usage for name in names), usage
+        assert "GLOBALTIMER" in sass or "globaltimer" in sass.lower()
