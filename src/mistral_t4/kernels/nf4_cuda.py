@@ -26,8 +26,9 @@ the result is already a tensor-core register:
     row, so each block's 4 MMAs sum into fresh fp32 registers that are then scaled into the
     accumulator (4 FMAs per lane and block instead of 16 fp16x2 multiplies of the weights). At
     32 rows (4 tiles) the 16 multiplies cost no more than the 16 FMAs, and the kernels take them
-    (`Kernel.scale_a`): the pairs times their rows' absmax in fp16 (as the reference's dequantized
-    W), the MMAs straight into the accumulators, independent chains and 62 registers fewer; per
+    (`Kernel.scale_a`): the pairs times their rows' absmax in fp16 (W in fp16 as the reference's
+    dequantized W, its code and absmax rounded first: within an ulp or two), the MMAs straight into
+    the accumulators, independent chains and 62 registers fewer; per
     layer 106.8 -> 101.7 us, W32 +1.7% (H200, bench/results/h200_2026-11-27_s10_scale_a/);
   * each warp owns 2 groups of 16 weight rows (4 in the wide 32-row kernel) that share x's
     fragments, with a ring of 4 blocks of 128-bit weight loads that skip L1 (2 in the wide
@@ -437,7 +438,7 @@ __device__ __forceinline__ void nf4_matmul_body(
                             u32 a1 = lds(prmt(w, lane_base, 0x7614));
                             u32 a2 = lds(prmt(w, lane_base, 0x7624));
                             u32 a3 = lds(prmt(w, lane_base, 0x7634));
-                            if constexpr (SCALE_A) {  // the weights in fp16, as the reference's dequantized W
+                            if constexpr (SCALE_A) {  // the weights in fp16 (code and absmax each rounded first)
                                 a0 = hmul2(a0, scale_g);
                                 a1 = hmul2(a1, scale_g8);
                                 a2 = hmul2(a2, scale_g);
@@ -508,9 +509,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, c
         int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, \
                                                        stride_om, split_k, tile_groups, slices); }
-#define NF4_MATMUL(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME, NT, NG, D, WARPS, false, false)
-// NAME_swiglu: out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused gate/up weight (nf4_matmul_store)
-#define NF4_MATMUL_SWIGLU(NAME, NT, NG, D, WARPS) NF4_KERNEL(NAME##_swiglu, NT, NG, D, WARPS, true, false)
+// instances: `instance()` below (SWIGLU: NAME_swiglu, out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused
+// gate/up weight, nf4_matmul_store)
 
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
