@@ -65,7 +65,7 @@ def profile_step(engine: Engine, replays: int) -> dict:
     advance = advances(spans)
     ordered = timeline(spans)
     origin = ordered[0][0][0]
-    # kernels 10-45 of the first replay (its second and third layers at this model's 7-9 kernels per layer):
+    # 36 kernels from the first replay's 11th on (four to five layers at 7-8 kernels per layer):
     # start (us from the replay's first kernel), duration, credit
     sequence = [{"name": name[:60], "start_us": round(start - origin, 2), "us": round(end - start, 2),
                  "advance_us": round(value, 2)} for (start, end, name), value in ordered[10:46]]
