@@ -3,8 +3,8 @@
 Generation has two phases with opposite costs:
 - *prefill* runs all prompt tokens at once: big matrix products, compute-bound. Its
   matmuls run eagerly, padded to a multiple of `prefill_bucket` tokens; on CUDA the
-  elementwise steps between them run as kernels compiled once for any shape
-  (`model.fused_ops`).
+  elementwise steps between them run as kernels compiled once for any shape, or ours in
+  Triton where the decode step takes ours (`model.fused_ops`).
 - *decode* makes one token per running request per step: every weight is read once per
   step for only a few rows of work, so it is bound by memory bandwidth, and at small
   sizes by the launch overhead of ~400 small kernels. It runs over all `max_batch` slots
@@ -74,8 +74,9 @@ class Engine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None
         self.use_graph = self.device.type == "cuda" and self.compile
-        # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs.
-        self.prefill_ops = fused_ops() if self.use_graph else EAGER_OPS
+        # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs, and our Triton
+        # kernels for them where the decode step takes ours.
+        self.prefill_ops = fused_ops(ours=model.fused_norms) if self.use_graph else EAGER_OPS
 
     # ---------------------------------------------------------------- requests
 

@@ -5,6 +5,8 @@
     attention.py  decode_attention, decode_attention_reference  (Triton kernels: attention_triton.py);
                   decode_attention_rotary (+ _reference): rotary, cache write and attention in one launch
     norm.py       add_rms_norm (reference), add_rms_norm_fused (Triton kernel: norm_triton.py)
+    prefill_triton.py  prefill's rotary on q and k and SiLU(gate) * up (references: attention.rotate, nf4.silu_mul),
+                  taken with the add + RMSNorm kernel by `model.fused_ops(ours=True)` wherever the decode step takes ours
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
     CPU                          references
