@@ -33,6 +33,22 @@ def test_nf4_load_on_cpu_quantizes_every_projection(tiny_random_path):
     assert saved > 0.8 * linear_fp32, (saved, linear_fp32)  # 4 bits + scales instead of 32 bits
 
 
+def test_footprint_counts_nf4_scales(tiny_random_path):
+    """The footprint (and so the benchmark's floor) counts the NF4 weights' double-quantized scales, which
+    bitsandbytes keeps outside the parameters: one uint8 absmax per 64 weights, an fp32 one per 256 blocks."""
+    import bitsandbytes as bnb
+
+    model, _ = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    scales = loading.footprint_bytes(model) - model.get_memory_footprint()
+    absmax = sum(w.quant_state.absmax.numel() for w in weights)
+    assert absmax == sum(w.quant_state.shape.numel() // 64 for w in weights)
+    assert all(w.quant_state.absmax.dtype == torch.uint8 for w in weights)
+    nested = sum(w.quant_state.state2.absmax.nbytes + w.quant_state.state2.code.nbytes + w.quant_state.code.nbytes
+                 for w in weights)
+    assert scales == absmax + nested
+
+
 def test_weight_estimate_matches_loaded_footprint(tiny_random_path):
     for quant in ("fp32", "nf4"):
         model, _ = loading.load(str(tiny_random_path), quant=quant, device="cpu")
