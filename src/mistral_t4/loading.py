@@ -260,7 +260,8 @@ def footprint_bytes(model) -> int:
     counts them, session 10 on)."""
     base = base_model(model)
     return int(base.get_memory_footprint()) + sum(
-        quant_state_bytes(param.quant_state) for param in base.parameters() if getattr(param, "quant_state", None))
+        quant_state_bytes(param.quant_state) for param in base.parameters()
+        if getattr(param, "quant_state", None) is not None)
 
 
 def quant_state_bytes(state) -> int:
