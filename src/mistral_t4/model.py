@@ -67,13 +67,15 @@ def fused_ops(ours: bool = False) -> SimpleNamespace:
     `ours` (CUDA where the decode step takes our Triton kernels, sm80+): the residual add + RMSNorm, rotary
     and SiLU * up as Triton kernels of ours instead (`norm_triton.py`, `prefill_triton.py`): inductor's
     dynamic-shape kernels spent 11.7 ms of a 32 x 128-token prefill's 110 in rotary alone (H200)."""
-    ops = {name: torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
-           for name, fn in vars(EAGER_OPS).items()}
+    kernels_of_ours = {}
     if ours:
         from mistral_t4.kernels import prefill_triton
 
-        ops.update(add_rms_norm=_add_rms_norm_rows, rotate_qk=prefill_triton.rotate_qk, silu_mul=prefill_triton.silu_mul)
-    return SimpleNamespace(**ops)
+        kernels_of_ours = dict(add_rms_norm=_add_rms_norm_rows, rotate_qk=prefill_triton.rotate_qk,
+                               silu_mul=prefill_triton.silu_mul)
+    return SimpleNamespace(**{name: kernels_of_ours.get(name) or torch.compile(fn, dynamic=True, fullgraph=True,
+                                                                                options=COMPILE_OPTIONS)
+                              for name, fn in vars(EAGER_OPS).items()})
 
 
 def _add_rms_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
