@@ -128,7 +128,7 @@ def main():
         return out
 
     def run(x, w, v, tile, split, slices, out=None):
-        return launch(mod, nf4_wide.name(v), v[3], shared[v], x, w, tile, split, [slices, 0], out)  # no L2 prefetch
+        return launch(mod, nf4_wide.name(v), v[3], shared[v], x, w, tile, split, [slices], out)
 
     def run_previous(x, w):  # the previous version's kernel under its rule (times only: its fragment order may differ)
         n, (m, k) = w.packed.shape[0], x.shape
@@ -137,9 +137,8 @@ def main():
             return launch(previous.mod, "nf4_matmul", 16, previous.table_shared, x, w, tile, split, [])
         name, _, groups_per_warp = previous.INSTANCES[min(r for r in previous.INSTANCES if r >= m)]
         tile, split, slices = previous.matmul_geometry(n, k, sms, groups_per_warp=groups_per_warp)
-        extra = [slices] + ([0] if "int slices, int prefetch)" in previous.SOURCE else [])  # s11 on: L2 prefetch
         return launch(previous.mod, name, previous.WARPS, previous.matmul_shared_bytes(previous.table_shared), x, w,
-                      tile, split, extra)
+                      tile, split, [slices])
 
     failures = 0
     for n, k in [(96, 320), (48, 192), (1008, 4096), (4096, 14336), (6144, 4096)]:

@@ -99,7 +99,7 @@ class Wide:
         tiles = -(-(n // 16) // tile_groups)
         self.mod.launch(name(v), (tiles, split_k), warps * 32,
                         [x, w.packed, w.absmax, w.code_fp16, out, partial, w.tile_counters, m, n, k, x.stride(0),
-                         out.stride(0), split_k, tile_groups, 1, 0], shared=self.shared)  # one K range per CTA, no prefetch
+                         out.stride(0), split_k, tile_groups, 1], shared=self.shared)  # one K range per CTA
         return out
 
 

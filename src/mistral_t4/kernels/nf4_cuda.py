@@ -180,12 +180,6 @@ __device__ __forceinline__ uint2 ld_pair(const uint2* p) {
     asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
-// The 128-byte lines of [begin, begin + bytes) into L2, lane by lane.
-__device__ __forceinline__ void prefetch_range(const void* begin, size_t bytes, int lane) {
-    const size_t first = (size_t)begin & ~(size_t)127, end = (size_t)begin + bytes;
-    for (size_t a = first + (size_t)lane * 128; a < end; a += 32 * 128) prefetch_l2((const void*)a);
-}
 __device__ __forceinline__ uint4 ld_x(const uint4* p) {
     uint4 r;
     asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
@@ -358,8 +352,7 @@ template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1,
-        int prefetch = 0) {
+        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1) {
     extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 base = (u32)__cvta_generic_to_shared(window);
@@ -398,14 +391,6 @@ __device__ __forceinline__ void nf4_matmul_body(
                 #pragma unroll
                 for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
             }
-        }
-    }
-    if (prefetch > 0 && G0 < end) {  // the next `prefetch` blocks past the ring into L2 (launched early: under the
-        const int p0 = min(kb0 + D, kb1), p1 = min(kb0 + D + prefetch, kb1);  // kernel before; 512 + 64 bytes each)
-        #pragma unroll
-        for (int q = 0; q < NG; q++) {
-            prefetch_range(wp[q] - lane + (size_t)p0 * 32, (size_t)(p1 - p0) * 512, lane);
-            prefetch_range(sp[q] - g + (size_t)p0 * 8, (size_t)(p1 - p0) * 64, lane);
         }
     }
     for (int i = tid; i < 2048; i += WARPS * 32) {  // row b = i >> 3: 8 x 16 bytes = its 32 copies
@@ -521,9 +506,9 @@ __device__ __forceinline__ void nf4_matmul_body(
 #define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A) \
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
-        int split_k, int tile_groups, int slices, int prefetch) { \
+        int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, \
-                                                       stride_om, split_k, tile_groups, slices, prefetch); }
+                                                       stride_om, split_k, tile_groups, slices); }
 // instances: `instance()` below (SWIGLU: NAME_swiglu, out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused
 // gate/up weight, nf4_matmul_store)
 
@@ -882,39 +867,10 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-(outputs // GROUP) // tile_groups), split_k)
     kernels = module(x.device)
-    ahead = prefetch_blocks(grid[0] * grid[1], kernel) if early and kernels.early else 0
     kernels.launch(name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                   m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices,
-                                                   ahead],
+                                                   m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
                    shared=kernels.shared[kernel.name], early=early)
     return out
-
-
-PREFETCH_ENV = "MISTRAL_T4_NF4_PREFETCH_MB"
-PREFETCH_MB = 0.0  # the default budget of an early launch's L2 prefetch (MISTRAL_T4_NF4_PREFETCH_MB sets it)
-
-
-def prefetch_mb() -> float:
-    """MB of weights (and their scales) that an early-launched matmul asks into L2 before it waits for the kernel
-    before it: MISTRAL_T4_NF4_PREFETCH_MB, else PREFETCH_MB; 0 turns it off."""
-    value = os.environ.get(PREFETCH_ENV)
-    if value is None:
-        return PREFETCH_MB
-    try:
-        mb = float(value)
-    except ValueError:
-        mb = -1.0
-    if not 0 <= mb < float("inf"):
-        raise ValueError(f"{PREFETCH_ENV}={value!r}: expected a number of MB >= 0")
-    return mb
-
-
-def prefetch_blocks(ctas: int, kernel: Kernel, mb: float | None = None) -> int:
-    """Blocks per row group past its ring that each warp of a grid of `ctas` CTAs asks into L2 before its
-    `dependencies_wait` (the kernel clamps them to the warp's K range), so that `mb` MB (`prefetch_mb()`) of
-    weights and scales in all are on their way under the kernel before it: 576 bytes a block."""
-    mb = prefetch_mb() if mb is None else mb
-    return int(min(mb * 1e6 // (ctas * kernel.warps * kernel.groups * (512 + 64)), 1 << 20))
 
 
 def nf4_dequantize(fragments: torch.Tensor, scales: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
