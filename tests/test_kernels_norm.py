@@ -80,7 +80,9 @@ def test_kernel_compiles_for_gpus(capability, pdl):
                  **dict.fromkeys(["n_cols", "stride_x", "stride_delta", "stride_sum", "stride_h"], "i32"),
                  "eps": "fp32", "BLOCK": "constexpr", "PDL": "constexpr"}
     source = ASTSource(fn=norm_triton._add_rms_norm_kernel, signature=signature, constexprs=dict(BLOCK=4096, PDL=pdl))
-    ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=8)).asm["ptx"]
+    warps = norm_triton.num_warps(4096)  # the launch of Mistral-7B's rows: one 16-byte vector per thread
+    assert warps == 16 and norm_triton.num_warps(1024) == 4 and norm_triton.num_warps(64) == 1
+    ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps)).asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
     if pdl:  # both before the first load of the inputs
         assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
