@@ -51,7 +51,7 @@ def _add_rms_norm_kernel(
 def num_warps(block: int) -> int:
     """Warps per row: one 16-byte vector of fp16 per thread (16 warps for Mistral-7B's 4096). Against 8 warps,
     a 32-row decode step 3.66 -> 3.56 ms, 64 rows 5.42 -> 5.39, 1 and 8 rows the same; 32 warps no better
-    (H200, bench/experiments/norm_launch.py, norm_launch_*_h200_2026-11-27.json)."""
+    (H200, bench/experiments/step_launch.py, norm_launch_*h200_2026-11-27.json)."""
     return min(16, max(1, block // 256))
 
 

@@ -1,0 +1,130 @@
+"""Experiment: the decode step's small kernels launched otherwise, timed in the compiled step itself.
+
+    python bench/experiments/step_launch.py [--rows 1,32] [--warps 8,4,2,16]   # on a CUDA GPU; $OUT/norm_launch.json
+    python bench/experiments/step_launch.py --rows 1,32 --attention "64,4,2;32,4,2;64,8,2;64,4,3;64,4,2,1"
+                                                                               # $OUT/attention_launch.json
+
+Timed in the step, not alone: under programmatic dependent launch a kernel's cost is how far it moves the end of
+the step's work, which depends on what runs beside it (the kernels' own timings with the L2 flushed,
+attention_tiles.py, said the attention's launch was the best or within 3%).
+
+`--warps`: the add + RMSNorm kernel's warps per row.
+
+In a 32-row decode step the two add + RMSNorm kernels of a layer (`kernels/norm_triton.py`, one program of
+8 warps per row) advance the step by ~4.5 us each, against ~2.2 at 1 row, for 256 KB of rows
+(bench/results/h200_2026-11-27_s10_scale_a/step_profile_rows1_rows32.json). One reading: the 12-warp 32-row
+kernel of o and down holds 61 K of an SM's 64 K registers, so the norm's programs (8 warps x ~48 registers)
+cannot start beside it while it runs. This builds the engine at each size once per warp count (the norm's
+launch patched, everything else the package's), and times the compiled decode step as bench/step_profile.py
+does, with each kernel's advance. Result (H200, norm_launch_h200_2026-11-27.json, norm_launch_rows_h200_2026-11-27.json):
+16 warps (one 16-byte vector per thread) against the 8 the package launched: 32 rows 3.661 / 3.670 -> 3.552 / 3.572
+ms per step (the norms' advance 278 -> 183 us per step), 64 rows 5.423 -> 5.382 / 5.391, 8 rows 2.310 -> 2.313,
+1 row 2.158 -> 2.164 / 2.160; 32 warps 3.581 at 32 rows. The package took 16 (`norm_triton.num_warps`).
+`--attention`: the decode attention's (positions per tile, warps, stages[, splits]) (`attention_triton._launch`;
+the package's: 64, 4, 2 and `default_num_splits`). Result (H200, attention_launch_h200_2026-11-27.json, after the
+norm's change): the package's launch is the best within noise at both sizes: 32 rows 3.532 / 3.580 ms per step
+against 3.576-3.745 for every other tile, warp, stage or split count (1 split, the rule's choice there: 3.581);
+1 row 2.160 / 2.161 against 2.152 for 8 warps, 2.153 for 8 splits (-0.4%, within the runs' spread) and up to
+2.233 for 1 split. Not changed.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def patched_launch(warps: int):
+    """norm_triton.add_rms_norm with `warps` warps per program (the package: min(16, max(1, BLOCK / 512)))."""
+    import triton
+
+    from mistral_t4.kernels import norm_triton
+
+    def add_rms_norm(x, delta, weight, eps, out=None):
+        total, h = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
+        if x.shape[0] == 0:
+            return total, h
+        norm_triton._add_rms_norm_kernel[(x.shape[0],)](
+            x, delta, weight, total, h, x.shape[1], x.stride(0), delta.stride(0), total.stride(0), h.stride(0), eps,
+            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=warps, **norm_triton.pdl_options(x.device))
+        return total, h
+
+    return add_rms_norm
+
+
+def patched_attention(block_len: int, num_warps: int, num_stages: int, num_splits: int | None):
+    """attention_triton._launch with these tiles (and splits, unless None: the package's rule)."""
+    from mistral_t4.kernels import attention_triton
+
+    package = attention_triton._launch
+
+    def launch(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, sin, scale, sliding_window, out,
+               num_splits_=None, **_):
+        return package(q, n_heads, stride_qb, stride_qh, k_cache, v_cache, lengths, cos, sin, scale, sliding_window,
+                       out, num_splits if num_splits is not None else num_splits_, block_len=block_len,
+                       num_warps=num_warps, num_stages=num_stages)
+
+    return launch
+
+
+def main():
+    from step_profile import profile_step
+
+    from mistral_t4 import devices, kernels, loading
+    from mistral_t4.engine import Engine
+    from mistral_t4.kernels import norm_triton
+    from mistral_t4.model import FastMistral
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="random-7b")
+    parser.add_argument("--rows", default="1,32")
+    parser.add_argument("--warps", default="8,4,2,16,8", help="warp counts in the order run (8 = the package's)")
+    parser.add_argument("--attention", help='attention launches "block,warps,stages[,splits];...", instead of --warps')
+    parser.add_argument("--position", type=int, default=192)
+    args = parser.parse_args()
+    from mistral_t4.kernels import attention_triton
+    device = devices.pick_device("cuda")
+    model, tokenizer = loading.load(args.model, quant="nf4", device=device, memory_cap_gib=15)
+    package, package_attention = norm_triton.add_rms_norm, attention_triton._launch
+    results = {"system": devices.describe(device), "model": args.model, "position": args.position, "runs": []}
+    for rows in (int(r) for r in args.rows.split(",")):
+        choice = kernels.select_kernels(device, decode_rows=rows)
+        if args.attention:
+            variants = [tuple(int(v) for v in spec.split(",")) for spec in args.attention.split(";")]
+        else:
+            variants = [int(w) for w in args.warps.split(",")]
+        for variant in variants:
+            if args.attention:
+                attention_triton._launch = patched_attention(*variant[:3], variant[3] if len(variant) > 3 else None)
+            else:
+                norm_triton.add_rms_norm = patched_launch(variant)
+            try:
+                fast = FastMistral.from_hf(model, choice)
+                engine = Engine(fast, tokenizer, max_batch=rows, max_len=256, compile=True)
+                engine.warmup()
+                engine.positions.fill_(args.position)
+                profile = profile_step(engine, 10)
+            finally:
+                norm_triton.add_rms_norm, attention_triton._launch = package, package_attention
+            group = profile["groups"].get("decode_attention" if args.attention else "add_rms_norm", {})
+            run = {"rows": rows, "attention" if args.attention else "warps": variant, "step_ms": profile["step_ms"],
+                   "advance_us_per_step": group.get("advance_us"), "us_per_step": group.get("us"),
+                   "groups": profile["groups"]}
+            results["runs"].append(run)
+            print(f"{rows:3d} rows, {'attention' if args.attention else 'norm warps'} {variant}: step "
+                  f"{run['step_ms']:.4f} ms, advance {run['advance_us_per_step']} us / step (own time "
+                  f"{run['us_per_step']} us)", flush=True)
+            del engine, fast
+            torch.cuda.empty_cache()
+    out = pathlib.Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("attention_launch.json" if args.attention else "norm_launch.json")).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
