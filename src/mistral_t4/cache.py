@@ -15,6 +15,8 @@ Mistral-7B in fp16 with 32 slots of 256 tokens: 2 x 32 x 32 x 8 x 256 x 128 x 2 
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 from torch import nn
 
@@ -127,17 +129,20 @@ class StaticKVCache(nn.Module):
 
 
 class SlotTable:
-    """Host-side record of which cache slots are free; never double-books or leaks a slot."""
+    """Host-side record of which cache slots are free; never double-books or leaks a slot.
+
+    `acquire` hands out the lowest free slot, so which slots a batch gets depends only on which are
+    in use, not on the order earlier ones were released in: a run replays the same way after `reset`."""
 
     def __init__(self, n: int):
         self.n = n
-        self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free = list(range(n))  # a heap: heappop() gives the lowest free slot
         self._owner: dict[int, object] = {}
 
     def acquire(self, owner) -> int:
         if not self._free:
             raise CacheFullError("no free cache slot")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self._owner[slot] = owner
         return slot
 
@@ -145,7 +150,7 @@ class SlotTable:
         if slot not in self._owner:
             raise KeyError(f"slot {slot} is not in use")
         del self._owner[slot]
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def owner(self, slot: int):
         return self._owner.get(slot)
