@@ -10,8 +10,8 @@ attention_tiles.py, said the attention's launch was the best or within 3%).
 
 `--warps`: the add + RMSNorm kernel's warps per row.
 
-In a 32-row decode step the two add + RMSNorm kernels of a layer (`kernels/norm_triton.py`, one program of
-8 warps per row) advance the step by ~4.5 us each, against ~2.2 at 1 row, for 256 KB of rows
+Before s11, in a 32-row decode step the two add + RMSNorm kernels of a layer (`kernels/norm_triton.py`, one
+program of 8 warps per row) advanced the step by ~4.5 us each, against ~2.2 at 1 row, for 256 KB of rows
 (bench/results/h200_2026-11-27_s10_scale_a/step_profile_rows1_rows32.json). One reading: the 12-warp 32-row
 kernel of o and down holds 61 K of an SM's 64 K registers, so the norm's programs (8 warps x ~48 registers)
 cannot start beside it while it runs. This builds the engine at each size once per warp count (the norm's
@@ -19,7 +19,9 @@ launch patched, everything else the package's), and times the compiled decode st
 does, with each kernel's advance. Result (H200, norm_launch_h200_2026-11-27.json, norm_launch_rows_h200_2026-11-27.json):
 16 warps (one 16-byte vector per thread) against the 8 the package launched: 32 rows 3.661 / 3.670 -> 3.552 / 3.572
 ms per step (the norms' advance 278 -> 183 us per step), 64 rows 5.423 -> 5.382 / 5.391, 8 rows 2.310 -> 2.313,
-1 row 2.158 -> 2.164 / 2.160; 32 warps 3.581 at 32 rows. The package took 16 (`norm_triton.num_warps`).
+1 row 2.158 -> 2.164 / 2.160; 32 warps 3.581 at 32 rows. The package took 16 (`norm_triton.num_warps`). A
+16-warp program needs more registers, not fewer, so the reading above does not explain the gain; what does (each
+thread's one load per input instead of two, the reduction's depth) was not pinned down.
 `--attention`: the decode attention's (positions per tile, warps, stages[, splits]) (`attention_triton._launch`;
 the package's: 64, 4, 2 and `default_num_splits`). Result (H200, attention_launch_h200_2026-11-27.json, after the
 norm's change): the package's launch is the best within noise at both sizes: 32 rows 3.532 / 3.580 ms per step
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 
 def patched_launch(warps: int):
-    """norm_triton.add_rms_norm with `warps` warps per program (the package: min(16, max(1, BLOCK / 512)))."""
+    """norm_triton.add_rms_norm with `warps` warps per program (the package's: `norm_triton.num_warps`)."""
     import triton
 
     from mistral_t4.kernels import norm_triton
@@ -77,17 +79,17 @@ def main():
 
     from mistral_t4 import devices, kernels, loading
     from mistral_t4.engine import Engine
-    from mistral_t4.kernels import norm_triton
+    from mistral_t4.kernels import attention_triton, norm_triton
     from mistral_t4.model import FastMistral
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="random-7b")
     parser.add_argument("--rows", default="1,32")
-    parser.add_argument("--warps", default="8,4,2,16,8", help="warp counts in the order run (8 = the package's)")
+    parser.add_argument("--warps", default="8,4,2,16,8", help="warp counts in the order run (the package's: 8 before "
+                        "s11, 16 since, for 4096-wide rows)")
     parser.add_argument("--attention", help='attention launches "block,warps,stages[,splits];...", instead of --warps')
     parser.add_argument("--position", type=int, default=192)
     args = parser.parse_args()
-    from mistral_t4.kernels import attention_triton
     device = devices.pick_device("cuda")
     model, tokenizer = loading.load(args.model, quant="nf4", device=device, memory_cap_gib=15)
     package, package_attention = norm_triton.add_rms_norm, attention_triton._launch
