@@ -3,6 +3,7 @@
     python bench/experiments/step_launch.py [--rows 1,32] [--warps 8,4,2,16]   # on a CUDA GPU; $OUT/norm_launch.json
     python bench/experiments/step_launch.py --rows 1,32 --attention "64,4,2;32,4,2;64,8,2;64,4,3;64,4,2,1"
                                                                                # $OUT/attention_launch.json
+    python bench/experiments/step_launch.py --rows 1,32 --plans "rule;6144,4096,3,1,8;rule"  # $OUT/plan_launch.json
 
 Timed in the step, not alone: under programmatic dependent launch a kernel's cost is how far it moves the end of
 the step's work, which depends on what runs beside it (the kernels' own timings with the L2 flushed,
@@ -28,6 +29,13 @@ norm's change): the package's launch is the best within noise at both sizes: 32 
 against 3.576-3.745 for every other tile, warp, stage or split count (1 split, the rule's choice there: 3.581);
 1 row 2.160 / 2.161 against 2.152 for 8 warps, 2.153 for 8 splits (-0.4%, within the runs' spread) and up to
 2.233 for 1 split. Not changed.
+`--plans`: a CUDA NF4 matmul's (row groups per CTA, split, K ranges) for one weight shape, at every size (each
+checked first to give the rule's bits). Result (H200, plan_launch_h200_2026-11-27.json): qkv is the one matmul whose
+rule leaves SMs idle (4 groups per CTA: 96 CTAs on 132 SMs); 3 groups per CTA (128 CTAs, the kernel's odd tile with
+a warp half busy) changes nothing measurable: 1 row 2.112 / 2.151 ms per step against 2.161 / 2.170, 32 rows
+3.579 / 3.582 against 3.573 / 3.574, 16 rows 2.650 / 2.652 against 2.645 / 2.652. Not changed. (In this run and the
+norm's first one, the first engine timed in the process was ~2% faster at 1 row than the same launch later on:
+compare only interleaved repeats.)
 """
 import argparse
 import json
@@ -74,12 +82,44 @@ def patched_attention(block_len: int, num_warps: int, num_stages: int, num_split
     return launch
 
 
+def patched_plan(n: int, k: int, tile: int, split: int, slices: int):
+    """nf4_cuda.launch_plan with (row groups per CTA, split, K ranges) for the weight of shape (n, k), at any rows."""
+    from mistral_t4.kernels import nf4_cuda
+
+    package = nf4_cuda.launch_plan
+
+    def launch_plan(m_, n_, k_, sm_count):
+        kernel, *plan = package(m_, n_, k_, sm_count)
+        return (kernel, tile, split, slices) if (n_, k_) == (n, k) else (kernel, *plan)
+
+    return launch_plan
+
+
+def same_outputs(plan, rows: int, device) -> bool:
+    """Whether nf4_matmul at `rows` rows gives the same bits under the override `plan` (n, k, ...) as under the rule,
+    on a random weight of that shape (the same K ranges sum each group in the same order, whichever CTA holds it)."""
+    from gpu_kernels import random_param
+
+    from mistral_t4.kernels import NF4Weight, nf4_cuda
+
+    n, k = plan[:2]
+    w = NF4Weight.from_bnb(random_param(k, n, device), backend="cuda")
+    x = torch.randn(rows, k, dtype=torch.float16, device=device)
+    expected = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
+    package, nf4_cuda.launch_plan = nf4_cuda.launch_plan, patched_plan(*plan)
+    try:
+        got = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
+    finally:
+        nf4_cuda.launch_plan = package
+    return bool(torch.equal(got, expected))
+
+
 def main():
     from step_profile import profile_step
 
     from mistral_t4 import devices, kernels, loading
     from mistral_t4.engine import Engine
-    from mistral_t4.kernels import attention_triton, norm_triton
+    from mistral_t4.kernels import attention_triton, nf4_cuda, norm_triton
     from mistral_t4.model import FastMistral
 
     parser = argparse.ArgumentParser()
@@ -88,21 +128,30 @@ def main():
     parser.add_argument("--warps", default="8,4,2,16,8", help="warp counts in the order run (the package's: 8 before "
                         "s11, 16 since, for 4096-wide rows)")
     parser.add_argument("--attention", help='attention launches "block,warps,stages[,splits];...", instead of --warps')
+    parser.add_argument("--plans", help='CUDA NF4 plans "n,k,tile,split,slices" or "rule" (the package\'s), ";"-separated')
     parser.add_argument("--position", type=int, default=192)
     args = parser.parse_args()
     device = devices.pick_device("cuda")
     model, tokenizer = loading.load(args.model, quant="nf4", device=device, memory_cap_gib=15)
-    package, package_attention = norm_triton.add_rms_norm, attention_triton._launch
+    package, package_attention, package_plan = norm_triton.add_rms_norm, attention_triton._launch, nf4_cuda.launch_plan
+    mode = "attention" if args.attention else "plan" if args.plans else "norm"
     results = {"system": devices.describe(device), "model": args.model, "position": args.position, "runs": []}
     for rows in (int(r) for r in args.rows.split(",")):
         choice = kernels.select_kernels(device, decode_rows=rows)
         if args.attention:
             variants = [tuple(int(v) for v in spec.split(",")) for spec in args.attention.split(";")]
+        elif args.plans:
+            variants = [spec if spec == "rule" else tuple(int(v) for v in spec.split(",")) for spec in args.plans.split(";")]
         else:
             variants = [int(w) for w in args.warps.split(",")]
         for variant in variants:
             if args.attention:
                 attention_triton._launch = patched_attention(*variant[:3], variant[3] if len(variant) > 3 else None)
+            elif args.plans:
+                if variant != "rule":
+                    if not same_outputs(variant, rows, device):
+                        raise SystemExit(f"plan {variant} at {rows} rows: outputs differ from the rule's")
+                    nf4_cuda.launch_plan = patched_plan(*variant)
             else:
                 norm_triton.add_rms_norm = patched_launch(variant)
             try:
@@ -113,19 +162,20 @@ def main():
                 profile = profile_step(engine, 10)
             finally:
                 norm_triton.add_rms_norm, attention_triton._launch = package, package_attention
-            group = profile["groups"].get("decode_attention" if args.attention else "add_rms_norm", {})
-            run = {"rows": rows, "attention" if args.attention else "warps": variant, "step_ms": profile["step_ms"],
+                nf4_cuda.launch_plan = package_plan
+            group = profile["groups"].get({"attention": "decode_attention", "plan": "nf4_matmul"}.get(mode, "add_rms_norm"), {})
+            run = {"rows": rows, mode: variant, "step_ms": profile["step_ms"],
                    "advance_us_per_step": group.get("advance_us"), "us_per_step": group.get("us"),
                    "groups": profile["groups"]}
             results["runs"].append(run)
-            print(f"{rows:3d} rows, {'attention' if args.attention else 'norm warps'} {variant}: step "
+            print(f"{rows:3d} rows, {mode} {variant}: step "
                   f"{run['step_ms']:.4f} ms, advance {run['advance_us_per_step']} us / step (own time "
                   f"{run['us_per_step']} us)", flush=True)
             del engine, fast
             torch.cuda.empty_cache()
     out = pathlib.Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("attention_launch.json" if args.attention else "norm_launch.json")).write_text(json.dumps(results, indent=2))
+    (out / f"{mode}_launch.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
