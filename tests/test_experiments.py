@@ -237,3 +237,25 @@ def test_timeline_experiment_compiles(tmp_path):
         names = [f"timed_{k.name}_0" for k in nf4_cuda.KERNELS] + [f"timed_{k.name}_swiglu_3" for k in nf4_cuda.KERNELS if k.swiglu]
         assert all(name in usage for name in names), usage
         assert "GLOBALTIMER" in sass or "globaltimer" in sass.lower()
+
+
+def test_step_launch_patches_only_what_it_names():
+    """bench/experiments/step_launch.py: a plan override applies to its weight shape alone (the rule's plan for
+    any other), and the attention override keeps the caller's splits unless it names its own."""
+    from mistral_t4.kernels import attention_triton, nf4_cuda
+
+    experiment = load("step_launch")
+    plan = experiment.patched_plan(6144, 4096, 3, 1, 8)
+    for rows in (1, 32):
+        kernel, *rule = nf4_cuda.launch_plan(rows, 6144, 4096, 132)
+        assert plan(rows, 6144, 4096, 132) == (kernel, 3, 1, 8) and rule != [3, 1, 8]
+        assert plan(rows, 4096, 4096, 132) == nf4_cuda.launch_plan(rows, 4096, 4096, 132)
+    seen = []
+    package = attention_triton._launch
+    attention_triton._launch = lambda *args, **tiles: seen.append((args[12], tiles))
+    try:
+        experiment.patched_attention(32, 8, 3, None)(*range(12), 4)
+        experiment.patched_attention(32, 8, 3, 1)(*range(12), 4)
+    finally:
+        attention_triton._launch = package
+    assert seen == [(4, dict(block_len=32, num_warps=8, num_stages=3)), (1, dict(block_len=32, num_warps=8, num_stages=3))]
