@@ -125,8 +125,9 @@ def main() -> None:
         if quant == "nf4":
             if fast_choice["nf4_linear"] != "triton":  # the NF4 kernel of larger batches, at this batch
                 variants.append(("triton", {"nf4_linear": "triton", "decode_attention": "triton"}))
-            # the kernels a T4 (sm75) gets, run here to check that path is correct
-            variants.append(("t4_path", {"nf4_linear": "bnb", "decode_attention": "triton"}))
+            # the kernels a T4 (sm75) gets, run here to check that path is correct (before s11 this took the
+            # Triton attention, which a T4 does not: `select_kernels` keeps the reference attention there)
+            variants.append(("t4_path", kernels.select_kernels(device, decode_rows=args.rows, capability=(7, 5))))
         for label, choice in variants:
             force = label == "reference"
             fast = FastMistral.from_hf(model, choice)

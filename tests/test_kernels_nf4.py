@@ -253,6 +253,10 @@ def test_select_kernels(monkeypatch):
     assert len(compiles) == 3  # only asked when the batch is small enough
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_kernels("cuda") == {"nf4_linear": "bnb", "decode_attention": "reference"}
+    t4 = select_kernels("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    # what gpu_check.py runs on a big card as the T4's path: the same choice as on a T4 itself
+    assert select_kernels("cuda", decode_rows=4, capability=(7, 5)) == t4
     monkeypatch.setenv("MISTRAL_T4_REFERENCE_KERNELS", "1")
     assert select_kernels("cuda") == reference
     line = describe(select_kernels("cpu"))

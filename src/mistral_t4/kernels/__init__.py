@@ -68,11 +68,14 @@ _DESCRIPTIONS = {
 }
 
 
-def select_kernels(device, force_reference: bool | None = None, decode_rows: int | None = None) -> dict[str, str]:
+def select_kernels(device, force_reference: bool | None = None, decode_rows: int | None = None,
+                   capability: tuple[int, int] | None = None) -> dict[str, str]:
     """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}.
 
     `decode_rows`: rows of a decode step (the engine's slots), when known; at most
     `cuda_rows()` selects the CUDA NF4 kernel on sm80+ (it compiles it to check).
+    `capability`: choose as for a card of this compute capability instead of the device's, e.g.
+    (7, 5): what a T4 takes, run on a bigger card to check that path (bench/gpu_check.py).
     """
     device = torch.device(device)
     if force_reference is None:
@@ -80,7 +83,9 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
     if force_reference or device.type != "cuda":
         return {"nf4_linear": "reference", "decode_attention": "reference"}
     has_triton = importlib.util.find_spec("triton") is not None
-    if torch.cuda.get_device_capability(device) >= (8, 0) and has_triton:
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= (8, 0) and has_triton:
         from . import nf4_cuda
 
         small = decode_rows is not None and decode_rows <= cuda_rows()
