@@ -66,10 +66,10 @@ def test_interpreted_kernel_matches_reference(dtype, rows, hidden):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
-@pytest.mark.parametrize("capability, pdl", [(80, False), (90, True)])
+@pytest.mark.parametrize("capability, pdl", [(75, False), (80, False), (90, True)])
 def test_kernel_compiles_for_gpus(capability, pdl):
-    """The kernel compiled here for sm80 / sm90, with no GPU: on sm90 (programmatic dependent launch)
-    it waits for the kernel before it and releases the next one first thing, on sm80 neither."""
+    """The kernel compiled here for sm75 (T4) / sm80 / sm90, with no GPU: on sm90 (programmatic dependent
+    launch) it waits for the kernel before it and releases the next one first thing, elsewhere neither."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -86,10 +86,10 @@ def test_prefill_ops_choice():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
-@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("capability", [75, 80, 90])
 def test_kernels_compile_for_gpus(capability):
-    """Both kernels compile for sm80 / sm90 with no GPU: the rotary kernel without multiply-add contraction
-    (its products rounded as eager rounds them), SiLU with an IEEE division."""
+    """Both kernels compile for sm75 (T4) / sm80 / sm90 with no GPU: the rotary kernel without multiply-add
+    contraction (its products rounded as eager rounds them), SiLU with an IEEE division."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

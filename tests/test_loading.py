@@ -151,7 +151,7 @@ def test_system_description_records_kernel_settings(monkeypatch):
 
 def test_decode_layer_fusions_and_early_launch(tiny_random_path, monkeypatch):
     """The decode step's gate/up takes the SwiGLU epilogue unless it carries LoRA deltas (they are added
-    before SiLU) or runs the references; with the Triton attention its norms are `add_rms_norm_fused`;
+    before SiLU) or runs the references; on any GPU backend (a T4's too) its norms are `add_rms_norm_fused`;
     its CUDA NF4 matmuls are launched early (programmatic dependent launch) only where
     `kernels.early_launch` says so (sm90 CUDA devices, unless MISTRAL_T4_EARLY_LAUNCH=0), down only
     after gate/up's SwiGLU kernel."""
@@ -168,6 +168,8 @@ def test_decode_layer_fusions_and_early_launch(tiny_random_path, monkeypatch):
     assert torch.equal(layer.gate_up.swiglu(h), silu_mul(layer.gate_up(h)))
     reference = FastMistral.from_hf(model)  # CPU's choice: the references
     assert not reference.fused_norms and not reference.layers[0].gate_up.fuses_swiglu
+    t4 = FastMistral.from_hf(model, {"nf4_linear": "bnb", "decode_attention": "reference"})  # a T4's choice
+    assert t4.fused_norms and not any(linear.early for linear in (t4.layers[0].qkv, t4.layers[0].down))
 
     monkeypatch.setattr(kernels, "early_launch", lambda device: True)
     rank = 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -64,7 +65,7 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 def fused_ops(ours: bool = False) -> SimpleNamespace:
     """`EAGER_OPS` compiled by inductor with dynamic shapes (one graph for any batch and length).
 
-    `ours` (CUDA where the decode step takes our Triton kernels, sm80+): the residual add + RMSNorm, rotary
+    `ours` (CUDA where the decode step takes our Triton norm kernel: any GPU backend): the residual add + RMSNorm, rotary
     and SiLU * up as Triton kernels of ours instead (`norm_triton.py`, `prefill_triton.py`): inductor's
     dynamic-shape kernels spent 11.7 ms of a 32 x 128-token prefill's 110 in rotary alone (H200)."""
     kernels_of_ours = {}
@@ -173,12 +174,16 @@ class FastMistral(nn.Module):
         self.register_buffer("norm", norm, persistent=False)
         self.register_buffer("lm_head", lm_head, persistent=False)
         self.layers = nn.ModuleList(layers)
-        # The decode step's kernels between the matmuls are ours on sm80+ (the attention ones, `add_rms_norm_fused`);
-        # on sm90 every CUDA NF4 matmul of it follows one of ours or (down) gate/up's SwiGLU kernel, which let it
-        # start its CTAs early: programmatic dependent launch (`kernels.early_launch`). Down follows inductor's
-        # SiLU kernel where gate/up carries LoRA (no epilogue): launched plainly there.
-        self.fused_norms = kernel_choice.get("decode_attention") == "triton"
-        chained = self.fused_norms and kernels.early_launch(self.device)
+        # The add + RMSNorm between the matmuls is our Triton kernel (`add_rms_norm_fused`) wherever the NF4 backend
+        # is a GPU's, the T4's included (an elementwise kernel, as inductor's would be there; prefill's elementwise
+        # steps are ours there too, `fused_ops`, so a T4 compiles neither: s11). On sm80+ the attention kernels are
+        # ours as well, and on sm90 every CUDA NF4 matmul of the step follows one of ours or (down) gate/up's SwiGLU
+        # kernel, which let it start its CTAs early: programmatic dependent launch (`kernels.early_launch`). Down
+        # follows inductor's SiLU kernel where gate/up carries LoRA (no epilogue): launched plainly there.
+        self.fused_norms = (set(kernel_choice.values()) != {"reference"}  # not the references' (CPU, forced)
+                            and importlib.util.find_spec("triton") is not None)
+        chained = (self.fused_norms and kernel_choice.get("decode_attention") == "triton"
+                   and kernels.early_launch(self.device))
         for layer in self.layers:
             for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 linear.early = chained and linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"

@@ -13,7 +13,9 @@ Which implementation runs is decided once, at load, from the device (`select_ker
     sm75 (T4)                    references' cuBLAS matmuls for attention, bitsandbytes' fused
                                  4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
                                  tensor cores and no asynchronous copies to pipeline loads
-                                 (both kernels compile there, untested on a T4)
+                                 (both kernels compile there, untested on a T4); the add +
+                                 RMSNorm and prefill's elementwise steps are our Triton kernels
+                                 on every GPU backend (no tl.dot; compile tests for sm75)
     sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 64 rows per
                                  step (`decode_rows`: the chat, the 32-request benchmark;
                                  MISTRAL_T4_NF4_CUDA_ROWS sets 1..64), nf4_linear in CUDA
