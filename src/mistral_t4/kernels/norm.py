@@ -2,10 +2,11 @@
 
 Each decoder layer of the decode step adds the attention's and then the MLP's output to the
 residual stream and normalizes the sum for the next matmul: `add_rms_norm`. Compiled by inductor
-that is one kernel already; `add_rms_norm_fused` is the same as a kernel of ours (on every GPU backend:
-no graph for inductor to compile for it, the T4 included), so that on sm90 it can take part in the chain of programmatic dependent launches (`kernels.early_launch`): it
-waits for the matmul before it at its start and lets the next matmul start its CTAs at once, so
-that the next weights stream in while it runs (`norm_triton.py`).
+that is one kernel already; `add_rms_norm_fused` is the same as a kernel of ours, on every GPU backend
+(the T4's included: inductor has nothing to compile for it), so that on sm90 it can take part in the
+chain of programmatic dependent launches (`kernels.early_launch`): it waits for the matmul before it
+at its start and lets the next matmul start its CTAs at once, so that the next weights stream in
+while it runs (`norm_triton.py`).
 """
 
 from __future__ import annotations
