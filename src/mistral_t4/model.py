@@ -66,8 +66,8 @@ def fused_ops(ours: bool = False) -> SimpleNamespace:
     """`EAGER_OPS` compiled by inductor with dynamic shapes (one graph for any batch and length).
 
     `ours` (CUDA where the decode step takes our Triton norm kernel: any GPU backend, the T4's too): the residual
-    add + RMSNorm, rotary and SiLU * up as Triton kernels of ours instead (`norm_triton.py`, `prefill_triton.py`): inductor's
-    dynamic-shape kernels spent 11.7 ms of a 32 x 128-token prefill's 110 in rotary alone (H200)."""
+    add + RMSNorm, rotary and SiLU * up as Triton kernels of ours instead (`norm_triton.py`, `prefill_triton.py`):
+    inductor's dynamic-shape kernels spent 11.7 ms of a 32 x 128-token prefill's 110 in rotary alone (H200)."""
     kernels_of_ours = {}
     if ours:
         from mistral_t4.kernels import prefill_triton
