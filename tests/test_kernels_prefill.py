@@ -61,7 +61,7 @@ def test_interpreted_silu_mul_matches_reference(dtype, shape):
 def test_interpreted_add_rms_norm_over_rows():
     """The decode step's add + RMSNorm kernel over every (prompt, position) row of prefill's (n, T, hidden)."""
     from mistral_t4.kernels.norm import add_rms_norm
-    from mistral_t4.model import _add_rms_norm_rows
+    from mistral_t4.kernels.prefill_triton import add_rms_norm_rows as _add_rms_norm_rows
 
     generator = torch.Generator().manual_seed(3)
     x, delta = (torch.randn(2, 3, 96, generator=generator).half() for _ in range(2))
@@ -76,7 +76,8 @@ def test_prefill_ops_choice():
     """`fused_ops(ours=True)` (where the decode step takes our Triton kernels) runs those three steps by our
     kernels and compiles the rest; plain `fused_ops()` compiles all four."""
     from mistral_t4.kernels import prefill_triton
-    from mistral_t4.model import EAGER_OPS, _add_rms_norm_rows, fused_ops
+    from mistral_t4.kernels.prefill_triton import add_rms_norm_rows as _add_rms_norm_rows
+    from mistral_t4.model import EAGER_OPS, fused_ops
 
     ours = fused_ops(ours=True)
     assert ours.rotate_qk is prefill_triton.rotate_qk and ours.silu_mul is prefill_triton.silu_mul

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -72,19 +71,11 @@ def fused_ops(ours: bool = False) -> SimpleNamespace:
     if ours:
         from mistral_t4.kernels import prefill_triton
 
-        kernels_of_ours = dict(add_rms_norm=_add_rms_norm_rows, rotate_qk=prefill_triton.rotate_qk,
+        kernels_of_ours = dict(add_rms_norm=prefill_triton.add_rms_norm_rows, rotate_qk=prefill_triton.rotate_qk,
                                silu_mul=prefill_triton.silu_mul)
     return SimpleNamespace(**{name: kernels_of_ours.get(name) or torch.compile(fn, dynamic=True, fullgraph=True,
                                                                                 options=COMPILE_OPTIONS)
                               for name, fn in vars(EAGER_OPS).items()})
-
-
-def _add_rms_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """`add_rms_norm` of (..., hidden) CUDA tensors by the Triton kernel of the decode step, over all rows."""
-    from mistral_t4.kernels import norm_triton
-
-    total, h = norm_triton.add_rms_norm(x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1]), weight, eps)
-    return total.view(x.shape), h.view(x.shape)
 
 
 @dataclass
@@ -180,8 +171,7 @@ class FastMistral(nn.Module):
         # ours as well, and on sm90 every CUDA NF4 matmul of the step follows one of ours or (down) gate/up's SwiGLU
         # kernel, which let it start its CTAs early: programmatic dependent launch (`kernels.early_launch`). Down
         # follows inductor's SiLU kernel where gate/up carries LoRA (no epilogue): launched plainly there.
-        self.fused_norms = (set(kernel_choice.values()) != {"reference"}  # not the references' (CPU, forced)
-                            and importlib.util.find_spec("triton") is not None)
+        self.fused_norms = set(kernel_choice.values()) != {"reference"} and kernels.triton_available()
         chained = (self.fused_norms and kernel_choice.get("decode_attention") == "triton"
                    and kernels.early_launch(self.device))
         for layer in self.layers:

@@ -84,10 +84,9 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
         force_reference = os.environ.get(REFERENCE_ENV, "0") == "1"
     if force_reference or device.type != "cuda":
         return {"nf4_linear": "reference", "decode_attention": "reference"}
-    has_triton = importlib.util.find_spec("triton") is not None
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) >= (8, 0) and has_triton:
+    if tuple(capability) >= (8, 0) and triton_available():
         from . import nf4_cuda
 
         small = decode_rows is not None and decode_rows <= cuda_rows()
@@ -95,6 +94,12 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
             return {"nf4_linear": "cuda", "decode_attention": "triton"}
         return {"nf4_linear": "triton", "decode_attention": "triton"}
     return {"nf4_linear": "bnb", "decode_attention": "reference"}
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton is installed (our kernels of every GPU path but bitsandbytes' are Triton or need it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def cuda_rows() -> int:
