@@ -62,8 +62,8 @@ def profile_step(engine: Engine, replays: int) -> dict:
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
             kernels_us[event.name].append(event.device_time_total)
             spans.append((event.time_range.start, event.time_range.end, event.name))
-    advance = advances(spans)
     ordered = timeline(spans)
+    advance = credits(ordered)
     origin = ordered[0][0][0]
     # 36 kernels from the first replay's 11th on (four to five layers at 7-8 kernels per layer):
     # start (us from the replay's first kernel), duration, credit
@@ -96,8 +96,13 @@ def advances(spans: list[tuple[float, float, str]]) -> dict[str, float]:
     sorted by start, each credited with end - (latest end before it) when positive. Kernels that run
     under a longer one (programmatic dependent launch overlaps them) get nothing; the credits add up
     to the time the GPU had work, so they say where a step's time goes when the kernel times overlap."""
+    return credits(timeline(spans))
+
+
+def credits(ordered: list[tuple[tuple[float, float, str], float]]) -> dict[str, float]:
+    """`timeline`'s credits summed per kernel name."""
     credit: dict[str, float] = defaultdict(float)
-    for (_, _, name), value in timeline(spans):
+    for (_, _, name), value in ordered:
         credit[name] += value
     return credit
 
