@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import hf_greedy, ragged_prompts, tiny_model
-from mistral_t4.cache import CacheFullError, StaticKVCache
+from mistral_t4.cache import CacheFullError, StaticKVCache, write_decode
 from mistral_t4.engine import Engine
 from mistral_t4.model import FastMistral
 from mistral_t4.requests import Request, RequestError
@@ -256,7 +256,7 @@ def test_cache_writes_land_at_their_positions():
     assert torch.equal(cache.v[1][2, :, :5], -k[0])
     assert cache.k[0].abs().sum() == 0 and cache.k[1][1].abs().sum() == 0
     new = torch.randn(3, 2, 16)
-    cache.write_decode(0, torch.tensor([7, 0, 3]), new, new * 2)
+    write_decode(cache.k[0], cache.v[0], torch.tensor([7, 0, 3]), new, new * 2)
     assert torch.equal(cache.k[0][0, :, 7], new[0]) and torch.equal(cache.k[0][2, :, 3], new[2])
     assert torch.equal(cache.v[0][1, :, 0], new[1] * 2)
     written = (cache.k[0].abs().sum(-1) > 0).nonzero().tolist()
@@ -307,13 +307,45 @@ def test_lora_adapters_match_peft_per_row(tokenizer, tmp_path):
     assert engine.adapters == ["a", "b"]
     # one batch, rows on adapter a, adapter b and none, interleaved
     choice = ["a", "b", None, "b", None, "a"]
-    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=8, adapter=c))
-            for p, c in zip(plain_prompts, choice)]
+    tokens = run_engine_mixed(engine, plain_prompts, 8, choice)
+    for i, c in enumerate(choice):
+        assert tokens[i] == (plain[i] if c is None else expected[c][i]), (i, c)
+
+
+def test_compiled_decode_compiles_one_layer_for_all(tokenizer, tmp_path):
+    """The engine's compiled decode step (inductor, here on CPU): the step's start, one decoder layer and its end
+    are compiled, and every layer reuses the layer's graph (a recompile per layer would cost ~30x the compile on a GPU);
+    greedy tokens equal HF's / peft's on a ragged batch with an adapter on some rows."""
+    from torch._dynamo.utils import counters
+
+    from mistral_t4.loading import attach_adapters
+
+    base = tiny_model(seed=16, num_hidden_layers=3)
+    prompts = ragged_prompts(4, base.config.vocab_size, seed=17)
+    plain = [hf_greedy(base, p, 6) for p in prompts]
+    make_adapter(tiny_model(seed=16, num_hidden_layers=3), tmp_path / "a", seed=3)
+    model = attach_adapters(tiny_model(seed=16, num_hidden_layers=3), {"a": str(tmp_path / "a")})
+    with_adapter = [hf_greedy(model, p, 6) for p in prompts]
+    assert with_adapter != plain
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        engine = Engine(FastMistral.from_hf(model), tokenizer, max_batch=4, max_len=64, compile=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            tokens = run_engine_mixed(engine, prompts, 6, ["a", None, "a", None])
+        assert counters["stats"]["unique_graphs"] == 3  # decode_start, decode_layer, decode_end
+    finally:
+        torch._dynamo.reset()
+    assert tokens == [with_adapter[0], plain[1], with_adapter[2], plain[3]]
+
+
+def run_engine_mixed(engine: Engine, prompts, new_tokens, adapters) -> list[list[int]]:
+    """All prompts in one batch, each on its adapter (or none); tokens per prompt."""
+    seqs = [engine.prepare(Request(prompt=p, max_new_tokens=new_tokens, adapter=a)) for p, a in zip(prompts, adapters)]
     engine.admit(seqs)
     while engine.active:
         engine.step()
-    for i, (seq, c) in enumerate(zip(seqs, choice)):
-        assert seq.tokens == (plain[i] if c is None else expected[c][i]), (i, c)
+    return [seq.tokens for seq in seqs]
 
 
 @pytest.mark.parametrize("quant", ["fp32", "nf4"])

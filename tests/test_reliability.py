@@ -332,10 +332,10 @@ def test_a_failing_decode_step_fails_its_batch_and_the_worker_goes_on(served, mo
     engine, hf, _ = served
     prompts = ragged_prompts(7, hf.config.vocab_size, seed=25)
     expected = [hf_greedy(hf, p, 6) for p in prompts]
-    # every decode step writes each layer's new key/value to the cache: fail inside the model, mid-step
+    # every decode step runs each decoder layer: fail inside the model, mid-step
     layers = engine.model.config.num_hidden_layers
-    faulty = fail_on_call(engine.cache.write_decode, error, call=(step - 1) * layers + 2)
-    monkeypatch.setattr(engine.cache, "write_decode", faulty)
+    faulty = fail_on_call(engine.model.decode_layer, error, call=(step - 1) * layers + 2)
+    monkeypatch.setattr(engine.model, "decode_layer", faulty)
     with Worker(engine) as worker:
         with worker.hold():  # the first 4 share one batch, the 5th waits for a slot
             in_batch = [worker.submit(p, max_new_tokens=6, ignore_eos=True) for p in prompts[:5]]
@@ -441,7 +441,7 @@ def test_a_request_whose_text_cannot_be_decoded_fails_alone(served, monkeypatch)
 def test_a_failing_reset_still_ends_every_request(served, monkeypatch):
     engine, hf, _ = served
     real_reset = engine.reset
-    monkeypatch.setattr(engine.cache, "write_decode", fail_on_call(engine.cache.write_decode,
+    monkeypatch.setattr(engine.model, "decode_layer", fail_on_call(engine.model.decode_layer,
                                                                    RuntimeError("decode broke")))
     monkeypatch.setattr(engine, "reset", fail_on_call(real_reset, RuntimeError("reset broke")))
     with Worker(engine) as worker:

@@ -50,6 +50,16 @@ def _what_fits(bytes_per_token: int, max_batch: int, max_len: int, budget: int) 
     return "would fit: " + " or ".join(options)
 
 
+def write_decode(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    """Store one new key/value per slot of one layer's cache at its position.
+    k_cache, v_cache: (max_batch, n_kv_heads, max_len, head_dim); positions: (max_batch,); k, v: (max_batch,
+    n_kv_heads, head_dim)."""
+    rows = torch.arange(k_cache.shape[0], device=positions.device)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v
+
+
 class CacheFullError(ValueError):
     """A request that does not fit the cache (too long, or no free slot)."""
 
@@ -120,13 +130,6 @@ class StaticKVCache(nn.Module):
         length = k.shape[2]
         getattr(self, f"k{layer}")[slots, :, :length] = k
         getattr(self, f"v{layer}")[slots, :, :length] = v
-
-    def write_decode(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one new key/value per slot at its position. positions: (max_batch,); k, v: (max_batch, n_kv_heads, head_dim)."""
-        rows = torch.arange(self.max_batch, device=positions.device)
-        getattr(self, f"k{layer}")[rows, :, positions] = k
-        getattr(self, f"v{layer}")[rows, :, positions] = v
-
 
 class SlotTable:
     """Host-side record of which cache slots are free; never double-books or leaks a slot.

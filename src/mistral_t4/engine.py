@@ -8,8 +8,9 @@ Generation has two phases with opposite costs:
 - *decode* makes one token per running request per step: every weight is read once per
   step for only a few rows of work, so it is bound by memory bandwidth, and at small
   sizes by the launch overhead of ~400 small kernels. It runs over all `max_batch` slots
-  with fixed shapes, so on CUDA it is compiled once (`torch.compile`, fullgraph) and
-  captured as one CUDA graph that is replayed each step.
+  with fixed shapes, so on CUDA it is compiled once (`torch.compile`, fullgraph; one decoder
+  layer serves all 32, `model.compiled_regions`) and captured as one CUDA graph that is
+  replayed each step.
 
 Slots are refilled as requests finish: a waiting request is prefilled into a free slot and
 joins the running batch at the next step (continuous batching), so a queue longer than the
@@ -19,13 +20,14 @@ small tensor per step to stream tokens and see which requests have finished.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from mistral_t4 import devices, sampling
 from mistral_t4.cache import CacheFullError, StaticKVCache, round_up
-from mistral_t4.model import COMPILE_OPTIONS, EAGER_OPS, FastMistral, fused_ops
+from mistral_t4.model import EAGER_OPS, FastMistral, compiled_regions, fused_ops
 from mistral_t4.requests import Request, RequestError, encode_prompt, now, validate
 from mistral_t4.sequence import Sequence, eos_ids
 
@@ -67,9 +69,9 @@ class Engine:
         self._in_flight = None  # (host tokens, event, [(slot, sequence)]) of the step not yet read
         pin = device.type == "cuda"
         self._host_tokens = [torch.zeros(batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        # The decode forward: compiled by inductor (CUDA) and captured by us as one CUDA graph
-        # at warm-up; plain eager PyTorch on CPU or with compile off.
-        self._forward = (torch.compile(model.decode, fullgraph=True, options=COMPILE_OPTIONS) if self.compile
+        # The decode forward: compiled by inductor (CUDA), one decoder layer for all (`compiled_regions`), and
+        # captured by us as one CUDA graph at warm-up; plain eager PyTorch on CPU or with compile off.
+        self._forward = (functools.partial(model.decode, regions=compiled_regions(model)) if self.compile
                          else model.decode)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_logits: torch.Tensor | None = None

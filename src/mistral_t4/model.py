@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mistral_t4 import kernels
+from mistral_t4.cache import write_decode
 from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
 from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference, nf4_swiglu, silu_mul
 from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused, rms_norm
@@ -76,6 +77,18 @@ def fused_ops(ours: bool = False) -> SimpleNamespace:
     return SimpleNamespace(**{name: kernels_of_ours.get(name) or torch.compile(fn, dynamic=True, fullgraph=True,
                                                                                 options=COMPILE_OPTIONS)
                               for name, fn in vars(EAGER_OPS).items()})
+
+
+def compiled_regions(model: "FastMistral") -> SimpleNamespace:
+    """`model`'s decode step in compiled parts, for `FastMistral.decode(..., regions=)`: its start (embedding,
+    first norm, adapter masks), one decoder layer, compiled once and called for each of the 32 layers (regional
+    compilation), and its end (the logits). The engine captures the whole step as one CUDA graph all the same.
+    Compiled as a whole, the step was traced and lowered layer by layer: on an H200 with a fresh cache, warm-up
+    14-19 s -> 6-7 s with our kernels, and 47 -> 7 s with the T4's choice on 2 CPUs (Colab has 2); the step's
+    kernels are the same (bench/results/h200_2026-11-27_s12_regional_compile/)."""
+    compile = functools.partial(torch.compile, fullgraph=True, options=COMPILE_OPTIONS)
+    return SimpleNamespace(decode_start=compile(model.decode_start), decode_layer=compile(model.decode_layer),
+                           decode_end=compile(model.decode_end))
 
 
 @dataclass
@@ -315,36 +328,53 @@ class FastMistral(nn.Module):
                 q, k, _ = self._split_qkv(qkv)
                 ops.rotate_qk(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapter_ids: torch.Tensor,
+               regions: SimpleNamespace | None = None) -> torch.Tensor:
         """One token for every slot of the cache -> logits (max_batch, vocab).
 
         tokens, positions: (max_batch,); positions[b] is where slot b's token goes. Idle slots
         compute too (fixed shapes replay as one CUDA graph); their results are ignored.
+        `regions`: the step's parts as `compiled_regions` compiles them (the engine on CUDA), or
+        None: this model's own, eager. The 32 layers share one compiled `decode_layer`.
         """
-        batch = tokens.shape[0]
-        x = F.embedding(tokens, self.embed)  # (B, hidden)
-        masks = self.adapter_masks(adapter_ids, 1)
-        reference = self.kernel_choice.get("decode_attention") == "reference"
-        if reference:
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
-            lengths = (positions + 1).to(torch.int32)
-        norm = add_rms_norm_fused if self.fused_norms else add_rms_norm
-        h = rms_norm(x, self.layers[0].input_norm, self.eps)
+        steps = regions or self
+        x, h, masks = steps.decode_start(tokens, adapter_ids)
         for index, layer in enumerate(self.layers):
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
-            qkv = layer.qkv(h, masks)
-            k_cache, v_cache = getattr(self.cache, f"k{index}"), getattr(self.cache, f"v{index}")
-            if reference:  # rotary, the cache write and attention, step by step
-                q, k, v = self._split_qkv(qkv)  # each (B, heads, head_dim)
-                q, k = rotate_qk(q, k, cos, sin)
-                self.cache.write_decode(index, positions, k, v)
-                attn = decode_attention_reference(q, k_cache, v_cache, lengths, self.head_dim**-0.5, self.sliding_window)
-            else:  # the same in one kernel (`decode_attention_rotary`)
-                attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
-                                               self.n_heads, self.head_dim**-0.5, self.sliding_window)
-            x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
-            x, h = norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps)
-        return F.linear(h, self.lm_head).float()  # h: the last residual sum, normalized by the final norm
+            x, h = steps.decode_layer(layer, x, h, following, getattr(self.cache, f"k{index}"),
+                                      getattr(self.cache, f"v{index}"), positions, masks)
+        return steps.decode_end(h)
+
+    def decode_start(self, tokens: torch.Tensor, adapter_ids: torch.Tensor):
+        """The step's input: (residual x, first layer's normalized h, adapter masks)."""
+        x = F.embedding(tokens, self.embed)  # (B, hidden)
+        return x, rms_norm(x, self.layers[0].input_norm, self.eps), self.adapter_masks(adapter_ids, 1)
+
+    def decode_layer(self, layer: FastLayer, x: torch.Tensor, h: torch.Tensor, following: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer of the step: (x, h) -> (x + attention + MLP, those normalized by `following`, the
+        next layer's input norm or the final one). The layer's cache comes in as tensors, not a layer index,
+        so that one compiled graph serves every layer (an index would be a constant of the graph)."""
+        batch = x.shape[0]
+        norm = add_rms_norm_fused if self.fused_norms else add_rms_norm
+        qkv = layer.qkv(h, masks)
+        if self.kernel_choice.get("decode_attention") == "reference":  # rotary, the cache write and attention
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
+            q, k, v = self._split_qkv(qkv)  # each (B, heads, head_dim)
+            q, k = rotate_qk(q, k, cos, sin)
+            write_decode(k_cache, v_cache, positions, k, v)
+            attn = decode_attention_reference(q, k_cache, v_cache, (positions + 1).to(torch.int32),
+                                              self.head_dim**-0.5, self.sliding_window)
+        else:  # the same in one kernel (`decode_attention_rotary`)
+            attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
+                                           self.n_heads, self.head_dim**-0.5, self.sliding_window)
+        x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
+        return norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps)
+
+    def decode_end(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 from the last layer's output (already through the final norm)."""
+        return F.linear(h, self.lm_head).float()
 
     def _split_qkv(self, qkv: torch.Tensor):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
