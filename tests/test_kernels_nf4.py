@@ -254,6 +254,23 @@ def test_select_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_kernels("cuda") == {"nf4_linear": "bnb", "decode_attention": "reference"}
     t4 = select_kernels("cuda")
+    # a T4 with the CUDA kernel: ours where it is faster than bitsandbytes' on the card (`nf4_race`), at <= 64 rows
+    import mistral_t4.kernels as kernels_module
+
+    monkeypatch.setattr(nf4_cuda, "available", lambda device: True)
+    times = {}
+    monkeypatch.setattr(kernels_module, "nf4_race", lambda device, rows, shapes: times.setdefault((rows, shapes),
+                                                                                                  race[rows]))
+    race = {32: {"cuda": 1.0, "bnb": 3.0}, 1: {"cuda": 2.0, "bnb": 1.5}}
+    assert select_kernels("cuda", decode_rows=32) == {"nf4_linear": "cuda", "decode_attention": "reference"}
+    assert select_kernels("cuda", decode_rows=1, shapes=((64, 128),))["nf4_linear"] == "bnb"
+    assert set(times) == {(32, kernels_module.MISTRAL_7B_SHAPES), (1, ((64, 128),))}
+    assert select_kernels("cuda", decode_rows=65)["nf4_linear"] == "bnb"  # no race past the kernel's rows
+    monkeypatch.setenv("MISTRAL_T4_NF4_CUDA", "0")
+    assert select_kernels("cuda", decode_rows=32)["nf4_linear"] == "bnb"
+    monkeypatch.delenv("MISTRAL_T4_NF4_CUDA")
+    assert len(times) == 2
+    monkeypatch.setattr(nf4_cuda, "available", lambda device: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     # what gpu_check.py runs on a big card as the T4's path: the same choice as on a T4 itself
     assert select_kernels("cuda", decode_rows=4, capability=(7, 5)) == t4
@@ -357,11 +374,12 @@ def test_cuda_geometry_rule():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_90"])
 def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     """The "cuda" backend's source, compiled here by NVRTC (a test dependency) with no GPU:
-    it compiles, keeps everything in registers, and uses the tensor cores (HMMA); the `scale_a`
-    kernels, and only they, multiply in fp16 pairs."""
+    it compiles, keeps everything in registers, and uses the tensor cores (HMMA: m16n8k16, on a T4
+    two m16n8k8); the `scale_a` kernels, and only they, multiply in fp16 pairs; on a T4 a CTA of each
+    kernel fits the SM's 64K registers."""
     from mistral_t4.kernels import nf4_cuda
 
     if nf4_cuda.nvrtc_library() is None:
@@ -383,12 +401,35 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
     for name in names:
         matmul = functions[name]
         # the table address is one byte permute (PRMT ..., 0x76j4, lane_base) per shared-memory load
-        assert "HMMA.16816.F32" in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
+        mma = "HMMA.1688.F32" if arch == "sm_75" else "HMMA.16816.F32"
+        assert mma in matmul and len(re.findall(r"PRMT R\d+, R\d+(\.reuse)?, 0x76[0-3]4", matmul)) >= 16
         assert len(re.findall(r"\bLDS\b", matmul)) >= 16
         # `scale_a` kernels scale the looked-up pairs in fp16 (HMUL2) before the MMAs; the others scale sums in fp32
         assert ("HMUL2" in matmul) == specs[name].scale_a
         # programmatic dependent launch on sm90 (griddepcontrol.wait / .launch_dependents), nothing on older cards
         assert ("ACQBULK" in matmul and "PREEXIT" in matmul) == (arch == "sm_90")
+    if arch == "sm_75":  # 64K registers per SM, one CTA of `warps` warps
+        registers = dict(re.findall(r"Function (\w+):\s*REG:(\d+)", usage))
+        for name in names:
+            assert int(registers[name]) * 32 * specs[name].warps <= 65536, (name, registers[name])
+
+
+def test_cuda_shared_plan():
+    """K ranges per CTA where the table and the sums fit a block; a T4 (a 64 KB block, its window from 0) gets the
+    table alone and one range per CTA, as does compute_75 PTX run on an H200; an L4's 99 KB cannot hold the table."""
+    from mistral_t4.kernels import nf4_cuda
+
+    h200_table = 127 * 1024  # the window starts at 1 KB
+    ranges, shared = nf4_cuda.shared_plan(h200_table, 227 * 1024)
+    assert ranges and shared["nf4_matmul"] == h200_table and shared["nf4_matmul64"] == h200_table + 64 * 1024
+    assert nf4_cuda.shared_plan(65536, 65536) == (False, {kernel.name: 65536 for kernel in nf4_cuda.KERNELS})
+    assert nf4_cuda.shared_plan(h200_table, 227 * 1024, "compute_75")[0] is False
+    ranges, shared = nf4_cuda.shared_plan(h200_table, 99 * 1024)
+    assert not ranges and max(shared.values()) > 99 * 1024  # `available` says no
+    for rows in (1, 8, 32, 64):  # without ranges, every plan is one range per CTA
+        for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+            kernel, tile, split, slices = nf4_cuda.launch_plan(rows, n, k, 40, ranges=False)
+            assert slices == 1 and tile <= kernel.warps * kernel.groups and split >= 1
 
 
 def test_cuda_rows_setting(monkeypatch):

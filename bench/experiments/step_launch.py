@@ -75,8 +75,8 @@ def patched_plan(n: int, k: int, tile: int, split: int, slices: int):
 
     package = nf4_cuda.launch_plan
 
-    def launch_plan(m_, n_, k_, sm_count):
-        kernel, *plan = package(m_, n_, k_, sm_count)
+    def launch_plan(m_, n_, k_, sm_count, ranges=True):
+        kernel, *plan = package(m_, n_, k_, sm_count, ranges)
         return (kernel, tile, split, slices) if (n_, k_) == (n, k) else (kernel, *plan)
 
     return launch_plan

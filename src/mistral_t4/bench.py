@@ -109,7 +109,8 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             engine = Engine(fast, tokenizer, max_batch=n, max_len=prompt_len + new, compile=cfg.compile,
                             memory_cap_gib=cfg.memory_cap_gib,
                             generation_config=loading.base_model(model).generation_config)
-            log(f"[bench] kernels: {fast.kernel_choice}" + (f", {plans}" if (plans := fast.nf4_cuda_plans(n)) else ""))
+            log(f"[bench] kernels: {fast.kernel_choice}" + (f", {plans}" if (plans := fast.nf4_cuda_plans(n)) else "")
+                + (f", NF4 race (ms per layer): {race}" if (race := engine.describe().get("nf4_race_ms")) else ""))
         else:
             engine = HFEngine(model, tokenizer, max_batch=n, cache=name.split("-")[1])
         report["engines"][name] = _run_engine(engine, prompts, new, cfg.progress, log, floor, name)
@@ -117,7 +118,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         _free(device)
     runs = ([("batch1", 1)] if cfg.batch1_tokens else []) + [("sweep", b) for b in cfg.sweep]
     for kind, rows in runs:  # each with the kernels an engine of that many slots gets
-        choice = kernels.select_kernels(device, decode_rows=rows)
+        choice = kernels.select_kernels(device, decode_rows=rows, shapes=kernels.nf4_shapes(config))
         if fast is None or fast.kernel_choice != choice:
             fast = None  # the other layout's weight copies go first
             _free(device)

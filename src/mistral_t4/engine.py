@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from mistral_t4 import devices, sampling
+from mistral_t4 import devices, kernels, sampling
 from mistral_t4.cache import CacheFullError, StaticKVCache, round_up
 from mistral_t4.model import EAGER_OPS, FastMistral, compiled_regions, fused_ops
 from mistral_t4.requests import Request, RequestError, encode_prompt, now, validate
@@ -320,6 +320,9 @@ class Engine:
         plans = self.model.nf4_cuda_plans(self.max_batch)
         if plans:  # which CUDA NF4 kernel and grid each projection's decode matmul takes
             info["nf4_cuda_kernels"] = plans
+        race = kernels.races().get(f"{self.device}, {self.max_batch} rows")
+        if race:  # sm75: the timings that chose between our NF4 kernel and bitsandbytes'
+            info["nf4_race_ms"] = race
         return info
 
 

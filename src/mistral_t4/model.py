@@ -207,7 +207,8 @@ class FastMistral(nn.Module):
                   for name, linear in [("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down)]
                   if linear.nf4 is not None and linear.nf4.backend == "cuda"}
         swiglu = frozenset({"gate_up"} if layer.gate_up.fuses_swiglu else ())  # as `FastLinear.swiglu` launches it
-        return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device), swiglu)
+        return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device), swiglu,
+                                       nf4_cuda.cuts_ranges(self.device))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -235,7 +236,8 @@ class FastMistral(nn.Module):
         if getattr(hf.config, "model_type", None) != "mistral":
             raise ValueError(f"FastMistral needs a Mistral model, got model_type={config.model_type!r}")
         device = hf.model.embed_tokens.weight.device
-        kernel_choice = kernel_choice or kernels.select_kernels(device, decode_rows=decode_rows)
+        kernel_choice = kernel_choice or kernels.select_kernels(device, decode_rows=decode_rows,
+                                                                shapes=kernels.nf4_shapes(config))
         reference = kernel_choice.get("nf4_linear") == "reference"
         adapters = _adapter_names(hf_model)
         layers = []

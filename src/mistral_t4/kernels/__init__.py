@@ -10,12 +10,17 @@
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
     CPU                          references
-    sm75 (T4)                    references' cuBLAS matmuls for attention, bitsandbytes' fused
-                                 4-bit GEMM for nf4_linear: on sm75 Triton's tl.dot has no
-                                 tensor cores and no asynchronous copies to pipeline loads
-                                 (both kernels compile there, untested on a T4); the add +
+    sm75 (T4)                    references' cuBLAS matmuls for attention; for nf4_linear
+                                 bitsandbytes' 4-bit GEMM or, for an engine of <= 64 slots,
+                                 our CUDA kernel (its sm75 form: m16n8k8 MMAs, the table
+                                 alone in a 64 KB block, one K range per CTA) where it is
+                                 faster on this card at that batch (`nf4_race`, timed at
+                                 load and printed). Not Triton: on sm75 its tl.dot has no
+                                 tensor cores and no asynchronous copies. The add +
                                  RMSNorm and prefill's elementwise steps are our Triton kernels
-                                 on every GPU backend (no tl.dot; compile tests for sm75)
+                                 on every GPU backend (no tl.dot; compile tests for sm75).
+                                 No T4 was available to us: sm75 code is compiled in tests
+                                 and run on an H200 as PTX (MISTRAL_T4_NF4_CUDA_ARCH=compute_75)
     sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 64 rows per
                                  step (`decode_rows`: the chat, the 32-request benchmark;
                                  MISTRAL_T4_NF4_CUDA_ROWS sets 1..64), nf4_linear in CUDA
@@ -26,7 +31,7 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  allow it; sm86/sm89 cards such as the L4 allow 99 KB and
                                  keep Triton)
     MISTRAL_T4_REFERENCE_KERNELS=1 forces the references, to compare or to debug;
-    MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch;
+    MISTRAL_T4_NF4_CUDA=0 keeps the Triton NF4 kernel at any batch (bitsandbytes' on sm75);
     MISTRAL_T4_EARLY_LAUNCH=0 turns off programmatic dependent launch (`early_launch`).
 `nf4_linear` follows the backend stored in its NF4Weight; for attention, call
 `decode_attention` when the choice is "triton" and `decode_attention_reference` otherwise.
@@ -70,12 +75,28 @@ _DESCRIPTIONS = {
 }
 
 
+# (N, K) of a Mistral-7B layer's NF4 matmuls: q/k/v, o, gate/up, down (`nf4_shapes`)
+MISTRAL_7B_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+
+
+def nf4_shapes(config) -> tuple[tuple[int, int], ...]:
+    """(N, K) of one layer's fused projections for a Mistral `config`: q/k/v, o, gate/up, down."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    return (((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden),
+            (hidden, inter))
+
+
 def select_kernels(device, force_reference: bool | None = None, decode_rows: int | None = None,
-                   capability: tuple[int, int] | None = None) -> dict[str, str]:
+                   capability: tuple[int, int] | None = None,
+                   shapes: tuple[tuple[int, int], ...] = MISTRAL_7B_SHAPES) -> dict[str, str]:
     """Backend per kernel for `device`: {"nf4_linear": ..., "decode_attention": ...}.
 
     `decode_rows`: rows of a decode step (the engine's slots), when known; at most
-    `cuda_rows()` selects the CUDA NF4 kernel on sm80+ (it compiles it to check).
+    `cuda_rows()` selects the CUDA NF4 kernel on sm80+ (it compiles it to check), and on sm75 (T4)
+    where it beats bitsandbytes' `gemm_4bit` on this card at those rows for one layer's `shapes`
+    (`nf4_race`, timed here on random weights; a T4's speed was never measured by us).
     `capability`: choose as for a card of this compute capability instead of the device's, e.g.
     (7, 5): what a T4 takes, run on a bigger card to check that path (bench/gpu_check.py).
     """
@@ -93,7 +114,74 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
         if small and os.environ.get(NF4_CUDA_ENV, "1") != "0" and nf4_cuda.available(device):
             return {"nf4_linear": "cuda", "decode_attention": "triton"}
         return {"nf4_linear": "triton", "decode_attention": "triton"}
-    return {"nf4_linear": "bnb", "decode_attention": "reference"}
+    nf4 = "bnb"
+    if decode_rows is not None and decode_rows <= cuda_rows() and os.environ.get(NF4_CUDA_ENV, "1") != "0":
+        from . import nf4_cuda
+
+        if nf4_cuda.available(device):
+            race = nf4_race(device, decode_rows, tuple(shapes))
+            nf4 = "cuda" if race["cuda"] < race["bnb"] else "bnb"
+    return {"nf4_linear": nf4, "decode_attention": "reference"}
+
+
+_RACES: dict[tuple, dict[str, float]] = {}
+
+
+def nf4_race(device, rows: int, shapes: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    """Milliseconds of one layer's NF4 matmuls (`shapes`, x of `rows` rows) with our CUDA kernel and with
+    bitsandbytes' `gemm_4bit` on `device`: {"cuda": ms, "bnb": ms}, on random weights (the time does not depend
+    on the values). Each backend's calls are captured in a CUDA graph, as the decode step runs them (launched
+    from Python one by one, our kernels' ctypes launches would be timed instead), replayed after a warm-up;
+    the best of 5. Cached per (device, rows, shapes); `races()` lists them. Without bitsandbytes its time is inf."""
+    device = torch.device(device)
+    key = (str(device), rows, shapes)
+    if key not in _RACES:
+        from . import nf4_cuda
+        from .nf4 import NF4Weight, _tile_counters, nf4_linear
+
+        generator = torch.Generator(device=device).manual_seed(0)
+        weights = {backend: [] for backend in ("cuda", "bnb")}
+        for n, k in shapes:
+            packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
+            absmax = torch.rand(n, k // nf4_cuda.BLOCKSIZE, device=device, generator=generator) + 0.5
+            code = torch.linspace(-1, 1, 16, device=device)
+            for backend in weights:
+                weights[backend].append(NF4Weight(packed, absmax, code, code.half(), _tile_counters(n, device),
+                                                  nf4_cuda.BLOCKSIZE, backend))
+        xs = {k: torch.randn(rows, k, dtype=torch.float16, device=device, generator=generator) for _, k in shapes}
+        times = {}
+        for backend, ws in weights.items():
+            if backend == "bnb":
+                if importlib.util.find_spec("bitsandbytes") is None:
+                    times[backend] = float("inf")
+                    continue
+                importlib.import_module("bitsandbytes")  # registers torch.ops.bitsandbytes
+            with torch.cuda.device(device):
+                for w in ws:  # compiles, allocates: outside the capture
+                    nf4_linear(xs[w.in_features], w)
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w in ws:
+                        nf4_linear(xs[w.in_features], w)
+                best = float("inf")
+                for repeat in range(6):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    if repeat:  # the first is the warm-up
+                        best = min(best, start.elapsed_time(end))
+                del graph
+            times[backend] = round(best, 4)
+        _RACES[key] = times
+    return _RACES[key]
+
+
+def races() -> dict[str, dict[str, float]]:
+    """The `nf4_race` results of this process, e.g. {"cuda:0, 32 rows": {"cuda": 1.2, "bnb": 3.4}}."""
+    return {f"{device}, {rows} rows": times for (device, rows, _), times in _RACES.items()}
 
 
 @functools.cache

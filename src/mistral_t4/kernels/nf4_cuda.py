@@ -1,12 +1,16 @@
-"""CUDA kernels for NF4 weights at a few rows (sm80+): compiled at run time by NVRTC.
+"""CUDA kernels for NF4 weights at a few rows (sm80+, and sm75): compiled at run time by NVRTC.
 
 Reference: `nf4.py`. Used by the "cuda" backend, which `kernels.select_kernels` picks on
 sm80+ when an engine decodes at most `kernels.cuda_rows()` rows per step (64 by default: the
 chat, the interactive mode, the 32-request benchmark and the sweep up to 64; larger engines
-keep the Triton kernel). Kernels for 8, 16, 32 and 64 rows (`KERNELS`: 1, 2, 4, 8 column tiles
-of 8 rows, and a wide 32-row one for large N, `kernel_for`); with K ranges per CTA they beat
-the Triton kernel per layer at every size up to 64 rows (at 64 by 7%: 156.9 vs 169.4 us;
-qkv alone is 3% slower, 25.2 vs 24.4).
+keep the Triton kernel), and on sm75 (T4) where it beats bitsandbytes' there (`kernels.nf4_race`).
+On sm75 (`__CUDA_ARCH__ < 800`) each m16n8k16 MMA is two m16n8k8 on the same registers, and the block
+holds the 64 KB table alone (a T4 gives a block 64 KB; its shared window starts at 0), so each CTA
+takes one K range (`_Module.ranges`, `launch_plan`); no programmatic dependent launch.
+Kernels for 8, 16, 32 and 64 rows (`KERNELS`: 1, 2, 4, 8 column tiles of 8 rows, and a wide
+32-row one for large N, `kernel_for`); with K ranges per CTA they beat the Triton kernel per
+layer at every size up to 64 rows (at 64 by 7%: 156.9 vs 169.4 us; qkv alone is 3% slower,
+25.2 vs 24.4).
 
 Why not Triton here: Triton's lookup of the 16-entry table runs on the integer pipe (16
 `prmt` + 6 logic ops per 8 weights; 64 integer ops per clock per SM on sm80/sm90, half the
@@ -194,10 +198,19 @@ __device__ __forceinline__ void ld_x_block(const uint4* xp, int b, uint4& lo, ui
     lo = ld_x(xp + b * 8);
     hi = ld_x(xp + b * 8 + 1);
 }
+// D += A B for one m16n8k16 tile. sm75 (T4) has no m16n8k16: two m16n8k8, A's registers (a0, a1) with b0 (k 2c, 2c + 1)
+// and (a2, a3) with b1 (k 2c + 8, 2c + 9), the same fragments, so the layout below serves both
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a2), "r"(a3), "r"(b1));
+#endif
 }
 __device__ __forceinline__ u32 word(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ u16 to_half(float f) {
@@ -207,16 +220,25 @@ __device__ __forceinline__ u16 to_half(float f) {
 }
 
 __device__ __forceinline__ u32 to_half2(float lo, float hi) {  // (lo, hi) rounded to fp16, lo in the low half
+#if __CUDA_ARCH__ >= 800
     u32 r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#else
+    return (u32)to_half(lo) | ((u32)to_half(hi) << 16);
+#endif
 }
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r; }
 __device__ __forceinline__ u32 lds(u32 address) { u32 r; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(address)); return r; }
 __device__ __forceinline__ void mma0(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {  // C = 0
+#if __CUDA_ARCH__ >= 800
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+#else
+    d[0] = d[1] = d[2] = d[3] = 0.f;
+    mma(d, a0, a1, a2, a3, b0, b1);
+#endif
 }
 
 // Programmatic dependent launch (sm90; no-ops when the grid was launched without it, and on older cards):
@@ -614,10 +636,12 @@ def matmul_geometry(n: int, k: int, sm_count: int, ranges: bool = True,
     too (bench/experiments/nf4_ranges.py); the 32-row kernels: 12 warps of 2 groups o and down
     (2, 1, 12), 8 warps of 4 groups qkv (4, 1, 8) and gate_up (14, 1, 2), each its sweep's best or
     within 2% (bench/experiments/nf4_ranges_scale_a_h200_2026-11-27.json).
-    `ranges=False`: one K range per CTA (kernels of the experiments that have no ranges)."""
+    `ranges=False`: one K range per CTA (a T4, where a block holds the table alone; kernels of the experiments
+    that have no ranges), and tiles that keep at least half of a CTA's warps busy (each warp then sums its
+    groups over the whole K range, so a CTA of few groups leaves its SM idle: untuned, no T4 was available)."""
     groups, blocks = n // GROUP, k // BLOCKSIZE
     best = None
-    for tile in range(2 if ranges else warps, warps * groups_per_warp + 1, 2):
+    for tile in range(2 if ranges else max(2, warps * groups_per_warp // 4 * 2), warps * groups_per_warp + 1, 2):
         split = 1
         while True:
             per_split = -(-blocks // split)
@@ -650,7 +674,8 @@ class _Module:
             _check(self.cuda, self.cuda.cuModuleLoadData(ctypes.byref(self.module), self.cubin), "cuModuleLoadData")
         self.functions = {}
         self.shared_set = {}
-        self.early = (major, minor) >= (9, 0)  # programmatic dependent launch: sm90
+        # programmatic dependent launch: sm90, and code built for it (PTX of an older arch has no griddepcontrol.wait)
+        self.early = (major, minor) >= (9, 0) and (arch is None or int(arch.split("_")[1][:2]) >= 90)
 
     def function(self, name: str) -> ctypes.c_void_p:
         if name not in self.functions:
@@ -725,7 +750,8 @@ def nvrtc_library() -> str | None:
 
 
 def _nvrtc_compile(source: str, arch: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
-    """(cubin, NVRTC's log: warnings, ptxas' with `options=("-Xptxas=-v",)`)."""
+    """(cubin, NVRTC's log: warnings, ptxas' with `options=("-Xptxas=-v",)`); for a virtual `arch`
+    ("compute_75") the PTX instead, which the driver compiles for the card it loads on."""
     path = nvrtc_library()
     if path is None:
         raise RuntimeError("NVRTC not found (it comes with PyTorch's CUDA wheels or a CUDA toolkit)")
@@ -744,11 +770,12 @@ def _nvrtc_compile(source: str, arch: str, options: tuple[str, ...] = ()) -> tup
         if rc != 0:
             raise RuntimeError(f"NVRTC ({path}) could not compile the NF4 kernels for {arch}: {log}")
         size = ctypes.c_size_t()
-        nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        if nvrtc.nvrtcGetCUBIN(program, cubin) != 0:
-            raise RuntimeError("nvrtcGetCUBIN failed")
-        return cubin.raw, log
+        what = "PTX" if arch.startswith("compute_") else "CUBIN"
+        getattr(nvrtc, f"nvrtcGet{what}Size")(program, ctypes.byref(size))
+        image = ctypes.create_string_buffer(size.value)
+        if getattr(nvrtc, f"nvrtcGet{what}")(program, image) != 0:
+            raise RuntimeError(f"nvrtcGet{what} failed")
+        return image.raw, log
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
@@ -756,15 +783,32 @@ def _nvrtc_compile(source: str, arch: str, options: tuple[str, ...] = ()) -> tup
 _LOCK = threading.Lock()
 
 
+ARCH_ENV = "MISTRAL_T4_NF4_CUDA_ARCH"  # "compute_75": a T4's code and plans on a newer card (to check them there)
+
+
 @functools.cache
-def _module_cached(index: int) -> _Module:
-    module = _Module(torch.device("cuda", index))
+def _module_cached(index: int, arch: str | None) -> _Module:
+    device = torch.device("cuda", index)
+    module = _Module(device, arch=arch)
     names = [kernel.name for kernel in KERNELS] + [kernel.name + "_swiglu" for kernel in KERNELS if kernel.swiglu]
     for name in names + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
-    module.shared = {kernel.name: matmul_shared_bytes(module.table_shared, kernel.reduce_bytes) for kernel in KERNELS}
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    module.ranges, module.shared = shared_plan(module.table_shared, optin, arch)
     return module
+
+
+def shared_plan(table_shared: int, optin: int, arch: str | None = None) -> tuple[bool, dict[str, int]]:
+    """(whether CTAs cut K into ranges, dynamic shared memory per kernel) where the table takes `table_shared`
+    bytes of a block's window (`table_shared_bytes`) and a block may have `optin`. Ranges where the table and
+    every kernel's sums fit (sm80+: 127 KB, the sums below the table or after it); else the table alone,
+    one K range per CTA: a T4's 64 KB (its window starts at 0), and PTX for compute_75 run on a newer card
+    as a T4 would (`ARCH_ENV`). `available` then checks the table fits at all (an L4's 99 KB does not)."""
+    with_sums = {kernel.name: matmul_shared_bytes(table_shared, kernel.reduce_bytes) for kernel in KERNELS}
+    if max(with_sums.values()) <= optin and not (arch or "").startswith("compute_75"):
+        return True, with_sums
+    return False, {kernel.name: table_shared for kernel in KERNELS}
 
 
 def matmul_shared_bytes(table_shared: int, reduce_bytes: int = REDUCE_BYTES) -> int:
@@ -789,13 +833,22 @@ def module(device: torch.device) -> _Module:
     The first call also launches a probe and waits for it (`table_shared_bytes`): make it
     outside a CUDA-graph capture (`available` does, at load)."""
     with _LOCK:
-        return _module_cached(device.index if device.index is not None else torch.cuda.current_device())
+        return _module_cached(device.index if device.index is not None else torch.cuda.current_device(),
+                              os.environ.get(ARCH_ENV) or None)
+
+
+def cuts_ranges(device) -> bool:
+    """Whether `nf4_matmul`'s CTAs cut K into ranges on `device` (`launch_plan`'s `ranges`): the compiled module's
+    answer on a GPU (no on a T4); elsewhere (a description on the CPU) as on sm80+."""
+    device = torch.device(device)
+    return module(device).ranges if device.type == "cuda" else True
 
 
 def available(device) -> bool:
-    """Whether the kernels compile and load on `device` (sm80+ with NVRTC); never raises."""
+    """Whether the kernels compile and load on `device` (sm75+ with NVRTC) and a block may hold their shared
+    memory; never raises."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (7, 5):
         return False
     try:
         needed = max(module(device).shared.values())
@@ -806,21 +859,22 @@ def available(device) -> bool:
 
 
 @functools.cache  # asked at every call of nf4_matmul (eager prefill: every projection of every chunk)
-def launch_plan(m: int, n: int, k: int, sm_count: int) -> tuple[Kernel, int, int, int]:
-    """What `nf4_matmul` launches for x (m, k) and N = n: (kernel, row groups per CTA, split, K ranges)."""
+def launch_plan(m: int, n: int, k: int, sm_count: int, ranges: bool = True) -> tuple[Kernel, int, int, int]:
+    """What `nf4_matmul` launches for x (m, k) and N = n: (kernel, row groups per CTA, split, K ranges);
+    `ranges`: whether CTAs may cut K into ranges (the module's `ranges`: not on a T4)."""
     kernel = kernel_for(m, n, sm_count)
-    return (kernel, *matmul_geometry(n, k, sm_count, groups_per_warp=kernel.groups, warps=kernel.warps))
+    return (kernel, *matmul_geometry(n, k, sm_count, ranges, groups_per_warp=kernel.groups, warps=kernel.warps))
 
 
 def describe_plans(rows: int, shapes: dict[str, tuple[int, int]], sm_count: int,
-                   swiglu: frozenset[str] = frozenset()) -> dict[str, str]:
+                   swiglu: frozenset[str] = frozenset(), ranges: bool = True) -> dict[str, str]:
     """Per named weight (N, K): 'kernel (row groups per CTA, split, K ranges)' at `rows` rows, for the
     load log and the benchmark JSON, e.g. {"qkv": "nf4_matmul32w (4, 1, 8)", ...}; the names in `swiglu`
     (fused gate/up weights) as `nf4_matmul(..., swiglu=True)` launches them where it can, e.g.
     "nf4_matmul32w_swiglu (7, 1, 2)" (output groups per CTA)."""
     described = {}
     for name, (n, k) in shapes.items():
-        kernel, tile, split, slices = launch_plan(rows, n, k, sm_count)
+        kernel, tile, split, slices = launch_plan(rows, n, k, sm_count, ranges)
         label = kernel.name
         if name in swiglu and swiglu_supported(rows, n, sm_count):
             label, tile = label + "_swiglu", tile // 2
@@ -856,7 +910,8 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         x = x.contiguous()
     from . import multiprocessor_count
 
-    kernel, tile_groups, split, slices = launch_plan(m, n, k, multiprocessor_count(x.device))
+    kernels = module(x.device)
+    kernel, tile_groups, split, slices = launch_plan(m, n, k, multiprocessor_count(x.device), kernels.ranges)
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
         tile_groups, split, slices = kernel.warps * kernel.groups, split_k, 1
     split_k = split
@@ -866,7 +921,6 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         name, tile_groups = name + "_swiglu", tile_groups // 2
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (-(-(outputs // GROUP) // tile_groups), split_k)
-    kernels = module(x.device)
     kernels.launch(name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
                                                    m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
                    shared=kernels.shared[kernel.name], early=early)
