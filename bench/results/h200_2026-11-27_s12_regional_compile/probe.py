@@ -23,7 +23,8 @@ for r in range(5):
     torch.cuda.synchronize(); s = time.perf_counter()
     for _ in range(100): engine._graph.replay()
     torch.cuda.synchronize(); times.append((time.perf_counter() - s) * 10)
-out = dict(label=label, cap=cap, rows=rows, cpus=len(os.sched_getaffinity(0)), choice=choice, warmup_s=round(warm, 2),
+out = dict(label=label, cap=cap, rows=rows, cpus=len(os.sched_getaffinity(0)), choice=choice, races=kernels.races(),
+           arch=os.environ.get("MISTRAL_T4_NF4_CUDA_ARCH"), plans=fast.nf4_cuda_plans(rows), warmup_s=round(warm, 2),
            replay_ms=[round(t, 4) for t in times], replay_ms_min=round(min(times), 4))
 print("RESULT", json.dumps(out), flush=True)
 from torch.profiler import profile, ProfilerActivity
