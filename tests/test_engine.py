@@ -339,6 +339,31 @@ def test_compiled_decode_compiles_one_layer_for_all(tokenizer, tmp_path):
     assert tokens == [with_adapter[0], plain[1], with_adapter[2], plain[3]]
 
 
+def test_compiled_decode_of_nf4_weights_compiles_one_layer(model_cache, monkeypatch):
+    """The same with NF4 weights (bitsandbytes on CPU, our NF4 reference): each layer's weights sit in an
+    `NF4Weight` object; dynamo must guard on its tensors and settings, not on the object, or every layer
+    would recompile (and past 8, run uncompiled)."""
+    from torch._dynamo.utils import counters
+
+    from mistral_t4 import loading
+    from mistral_t4.engine import make_engine
+
+    monkeypatch.setenv("MISTRAL_T4_CACHE", str(model_cache))
+    model, tokenizer = loading.load("tiny-random", quant="nf4", device="cpu")
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hello there", "The quick brown fox", "2 + 2 ="]]
+    expected = [hf_greedy(model, p, 5) for p in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        engine = make_engine("mistral_t4", model, tokenizer, max_batch=3, max_len=64, compile=True)
+        assert engine.model.layers[0].qkv.nf4 is not None and len(engine.model.layers) == 2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert run_engine(engine, prompts, 5) == expected
+        assert counters["stats"]["unique_graphs"] == 3
+    finally:
+        torch._dynamo.reset()
+
+
 def run_engine_mixed(engine: Engine, prompts, new_tokens, adapters) -> list[list[int]]:
     """All prompts in one batch, each on its adapter (or none); tokens per prompt."""
     seqs = [engine.prepare(Request(prompt=p, max_new_tokens=new_tokens, adapter=a)) for p, a in zip(prompts, adapters)]
