@@ -5,7 +5,8 @@
 For each weight format: prefill logits and teacher-forced decode logits of FastMistral vs
 the HF model (relative error per step), greedy tokens of our engine vs HF generate (how many
 steps agree), for the kernels chosen for its 4-slot engine ("fast"), the references, and on NF4
-the Triton kernel (if "fast" took the CUDA one) and the T4 path; evidence that the compiled
+the Triton kernel (if "fast" took the CUDA one) and the T4 path (with bitsandbytes' kernel too, if
+the T4's race here picked ours); evidence that the compiled
 decode step replays as a CUDA graph (graph launches vs kernel launches in a profile).
 Prints a table; writes gpu_check.json.
 """
@@ -126,8 +127,13 @@ def main() -> None:
             if fast_choice["nf4_linear"] != "triton":  # the NF4 kernel of larger batches, at this batch
                 variants.append(("triton", {"nf4_linear": "triton", "decode_attention": "triton"}))
             # the kernels a T4 (sm75) gets, run here to check that path is correct (before s11 this took the
-            # Triton attention, which a T4 does not: `select_kernels` keeps the reference attention there)
-            variants.append(("t4_path", kernels.select_kernels(device, decode_rows=args.rows, capability=(7, 5))))
+            # Triton attention, which a T4 does not: `select_kernels` keeps the reference attention there). Its NF4
+            # backend is the winner of `kernels.nf4_race` on this card; MISTRAL_T4_NF4_CUDA_ARCH=compute_75 makes
+            # the CUDA kernels the T4's code and plans too (s12)
+            t4 = kernels.select_kernels(device, decode_rows=args.rows, capability=(7, 5))
+            variants.append(("t4_path", t4))
+            if t4["nf4_linear"] != "bnb":  # bitsandbytes' kernel, which a T4 takes where it wins the race there
+                variants.append(("t4_bnb", {**t4, "nf4_linear": "bnb"}))
         for label, choice in variants:
             force = label == "reference"
             fast = FastMistral.from_hf(model, choice)
