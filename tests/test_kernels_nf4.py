@@ -414,6 +414,30 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
             assert int(registers[name]) * 32 * specs[name].warps <= 65536, (name, registers[name])
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
+def test_cuda_kernels_compiled_once_per_disk(tmp_path, monkeypatch):
+    """The NVRTC image is kept in the package's cache directory: a second process (here: the second call) loads
+    it instead of compiling; another arch or source is compiled anew; an unwritable cache still compiles."""
+    from mistral_t4.kernels import nf4_cuda
+
+    if nf4_cuda.nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed (scripts/setup.sh test installs it)")
+    monkeypatch.setenv("MISTRAL_T4_CACHE", str(tmp_path))
+    source = nf4_cuda.SOURCE.split("#define NF4_KERNEL")[0] + "\n"  # the helpers and smem_base: a quick compile
+    image, _ = nf4_cuda.compiled(source, "sm_75")
+    assert image == nf4_cuda._nvrtc_compile(source, "sm_75")[0] and len(list((tmp_path / "nvrtc").iterdir())) == 1
+    calls = []
+    real = nf4_cuda._nvrtc_compile
+    monkeypatch.setattr(nf4_cuda, "_nvrtc_compile", lambda *a: calls.append(a) or real(*a))
+    assert nf4_cuda.compiled(source, "sm_75") == (image, "") and not calls
+    assert nf4_cuda.compiled(source, "sm_80")[0] != image and len(calls) == 1
+    assert nf4_cuda.compiled(source + "// changed\n", "sm_75")[0] and len(calls) == 2
+    assert len(list((tmp_path / "nvrtc").iterdir())) == 3
+    (tmp_path / "blocked").write_text("a file where the cache directory would go")
+    monkeypatch.setenv("MISTRAL_T4_CACHE", str(tmp_path / "blocked"))
+    assert nf4_cuda.compiled(source, "sm_75")[0] == image and len(calls) == 3
+
+
 def test_cuda_shared_plan():
     """K ranges per CTA where the table and the sums fit a block; a T4 (a 64 KB block, its window from 0) gets the
     table alone and one range per CTA, as does compute_75 PTX run on an H200; an L4's 99 KB cannot hold the table."""
