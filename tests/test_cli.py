@@ -84,6 +84,7 @@ def test_chat_ends_on_eof_and_reports_bad_adapter(model_cache, tiny_random_path)
                    cache=model_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("assistant: ") == 1
+    assert "kernels: nf4_linear=reference (dequantize + F.linear), decode_attention=reference" in proc.stderr  # at load
     proc = run_cli(["chat", "--model", "tiny-random", "--quant", "fp32", "--adapter", "nope"], stdin="",
                    cache=model_cache)
     assert proc.returncode == 2 and "unknown adapter 'nope'" in proc.stderr
