@@ -36,6 +36,11 @@ a warp half busy) changes nothing measurable: 1 row 2.112 / 2.151 ms per step ag
 3.579 / 3.582 against 3.573 / 3.574, 16 rows 2.650 / 2.652 against 2.645 / 2.652. Not changed. (In this run and the
 norm's first one, the first engine timed in the process was ~2% faster at 1 row than the same launch later on:
 compare only interleaved repeats.)
+`--tolerance` (s12): plans of another split, whose outputs differ from the rule's in the order of their sums. At 32
+rows the rule gives o and down 2 row groups per CTA in 12 K ranges (128 CTAs), so every CTA reads all of x from L2: 117
+MB for down against its 29 MB of weights. Larger tiles split across CTAs read less of it, and were slower (H200,
+plan_launch_split_h200_2026-11-27.json): rule 3.554 / 3.595 ms per step; down in 4 groups x 2 splits x 6 ranges
+3.729 / 3.741, in 8 x 4 x 3 3.804; o in 4 x 2 x 6 3.738 (outputs within 2e-5 of the rule's). Not changed.
 """
 import argparse
 import json
@@ -82,9 +87,10 @@ def patched_plan(n: int, k: int, tile: int, split: int, slices: int):
     return launch_plan
 
 
-def same_outputs(plan, rows: int, device) -> bool:
+def same_outputs(plan, rows: int, device, tolerance: float = 0.0) -> bool:
     """Whether nf4_matmul at `rows` rows gives the same bits under the override `plan` (n, k, ...) as under the rule,
-    on a random weight of that shape (the same K ranges sum each group in the same order, whichever CTA holds it)."""
+    on a random weight of that shape (the same K ranges sum each group in the same order, whichever CTA holds it);
+    with a `tolerance`, whether their relative difference is within it (another split sums in another order)."""
     from gpu_kernels import random_param
 
     from mistral_t4.kernels import NF4Weight, nf4_cuda
@@ -98,6 +104,10 @@ def same_outputs(plan, rows: int, device) -> bool:
         got = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters)
     finally:
         nf4_cuda.launch_plan = package
+    if tolerance:
+        difference = float((got.float() - expected.float()).norm() / expected.float().norm())
+        print(f"plan {plan} at {rows} rows: relative difference from the rule's outputs {difference:.1e}", flush=True)
+        return difference <= tolerance
     return bool(torch.equal(got, expected))
 
 
@@ -117,6 +127,8 @@ def main():
     parser.add_argument("--attention", help='attention launches "block,warps,stages[,splits];...", instead of --warps')
     parser.add_argument("--plans", help='CUDA NF4 plans "n,k,tile,split,slices" or "rule" (the package\'s), ";"-separated')
     parser.add_argument("--position", type=int, default=192)
+    parser.add_argument("--tolerance", type=float, default=0.0, help="--plans: accept outputs within this relative "
+                        "difference of the rule's (a plan of another split sums in another order); 0: the same bits")
     args = parser.parse_args()
     device = devices.pick_device("cuda")
     model, tokenizer = loading.load(args.model, quant="nf4", device=device, memory_cap_gib=15)
@@ -136,7 +148,7 @@ def main():
                 attention_triton._launch = patched_attention(*variant[:3], variant[3] if len(variant) > 3 else None)
             elif args.plans:
                 if variant != "rule":
-                    if not same_outputs(variant, rows, device):
+                    if not same_outputs(variant, rows, device, args.tolerance):
                         raise SystemExit(f"plan {variant} at {rows} rows: outputs differ from the rule's")
                     nf4_cuda.launch_plan = patched_plan(*variant)
             else:
