@@ -109,8 +109,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             engine = Engine(fast, tokenizer, max_batch=n, max_len=prompt_len + new, compile=cfg.compile,
                             memory_cap_gib=cfg.memory_cap_gib,
                             generation_config=loading.base_model(model).generation_config)
-            log(f"[bench] kernels: {fast.kernel_choice}" + (f", {plans}" if (plans := fast.nf4_cuda_plans(n)) else "")
-                + (f", NF4 race (ms per layer): {race}" if (race := engine.describe().get("nf4_race_ms")) else ""))
+            log(f"[bench] {engine.kernels_line()}" + (f", {plans}" if (plans := fast.nf4_cuda_plans(n)) else ""))
         else:
             engine = HFEngine(model, tokenizer, max_batch=n, cache=name.split("-")[1])
         report["engines"][name] = _run_engine(engine, prompts, new, cfg.progress, log, floor, name)

@@ -154,7 +154,7 @@ def _bench(args) -> int:
 
 
 def _chat(args) -> int:
-    from mistral_t4 import kernels, loading
+    from mistral_t4 import loading
     from mistral_t4.chat import ChatSession, ChatSettings, run_terminal
     from mistral_t4.engine import Engine, make_engine
     from mistral_t4.worker import Worker
@@ -165,9 +165,7 @@ def _chat(args) -> int:
     engine = make_engine(args.engine, model, tokenizer, max_batch=4, max_len=4096,
                          compile=False if args.no_compile else None)
     if isinstance(engine, Engine):  # which kernels run (and on a T4 the NF4 race that chose them)
-        info = engine.describe()
-        race = f"; NF4 race, ms per layer: {info['nf4_race_ms']}" if "nf4_race_ms" in info else ""
-        print(kernels.describe(info["kernels"]) + race, file=sys.stderr)
+        print(engine.kernels_line(), file=sys.stderr)
     if getattr(engine, "use_graph", False):
         print("compiling the decode step (once)...", file=sys.stderr, flush=True)
         print(f"ready after {engine.warmup():.0f} s", file=sys.stderr, flush=True)

@@ -325,6 +325,12 @@ class Engine:
             info["nf4_race_ms"] = race
         return info
 
+    def kernels_line(self) -> str:
+        """One line for a load log: the kernels this engine runs (on a T4 with the NF4 race that chose them)."""
+        info = self.describe()
+        race = f"; NF4 race, ms per layer: {info['nf4_race_ms']}" if "nf4_race_ms" in info else ""
+        return kernels.describe(info["kernels"]) + race
+
 
 def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compile: bool | None = None,
                 memory_cap_gib: float | None = None):
