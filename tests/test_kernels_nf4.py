@@ -438,6 +438,28 @@ def test_cuda_kernels_compiled_once_per_disk(tmp_path, monkeypatch):
     assert nf4_cuda.compiled(source, "sm_75")[0] == image and len(calls) == 3
 
 
+def test_nf4_race_survives_a_failing_backend(monkeypatch):
+    """A backend that fails its race (bitsandbytes missing, a kernel error) gets inf and its error, is not chosen,
+    and loading goes on; `races()` reports it (None for JSON). Run on CPU tensors with the timing replaced: the
+    timing itself needs a GPU (checked on the H200, bench/results/h200_2026-11-27_s12_sm75_code/)."""
+    import mistral_t4.kernels as kernels_module
+
+    def timed(device, ws, xs):
+        assert [w.out_features for w in ws] == [96, 64] and set(xs) == {64, 128}
+        assert all(xs[w.in_features].shape == (3, w.in_features) for w in ws)
+        if ws[0].backend == "cuda":
+            raise RuntimeError("CUDA driver: launch of nf4_matmul failed")
+        return 0.5
+
+    monkeypatch.setattr(kernels_module, "_graph_time_ms", timed)
+    monkeypatch.setattr(kernels_module, "_RACES", {})
+    race = kernels_module.nf4_race("cpu", 3, ((96, 64), (64, 128)))
+    assert race == {"cuda": float("inf"), "cuda_error": "RuntimeError: CUDA driver: launch of nf4_matmul failed",
+                    "bnb": 0.5}
+    assert kernels_module.races() == {"cpu, 3 rows": {"cuda": None, "cuda_error": race["cuda_error"], "bnb": 0.5}}
+    assert kernels_module.nf4_race("cpu", 3, ((96, 64), (64, 128))) is race  # cached: raced once per shape
+
+
 def test_cuda_shared_plan():
     """K ranges per CTA where the table and the sums fit a block; a T4 (a 64 KB block, its window from 0) gets the
     table alone and one range per CTA, as does compute_75 PTX run on an H200; an L4's 99 KB cannot hold the table."""

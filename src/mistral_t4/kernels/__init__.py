@@ -127,17 +127,18 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
 _RACES: dict[tuple, dict[str, float]] = {}
 
 
-def nf4_race(device, rows: int, shapes: tuple[tuple[int, int], ...]) -> dict[str, float]:
+def nf4_race(device, rows: int, shapes: tuple[tuple[int, int], ...]) -> dict[str, float | str]:
     """Milliseconds of one layer's NF4 matmuls (`shapes`, x of `rows` rows) with our CUDA kernel and with
     bitsandbytes' `gemm_4bit` on `device`: {"cuda": ms, "bnb": ms}, on random weights (the time does not depend
     on the values). Each backend's calls are captured in a CUDA graph, as the decode step runs them (launched
     from Python one by one, our kernels' ctypes launches would be timed instead), replayed after a warm-up;
-    the best of 5. Cached per (device, rows, shapes); `races()` lists them. Without bitsandbytes its time is inf."""
+    the best of 5. A backend that fails here (bitsandbytes missing, a kernel error) gets inf and its error
+    ("cuda_error"), so it is not chosen and loading goes on. Cached per (device, rows, shapes); `races()` lists them."""
     device = torch.device(device)
     key = (str(device), rows, shapes)
     if key not in _RACES:
         from . import nf4_cuda
-        from .nf4 import NF4Weight, _tile_counters, nf4_linear
+        from .nf4 import NF4Weight, _tile_counters
 
         generator = torch.Generator(device=device).manual_seed(0)
         weights = {backend: [] for backend in ("cuda", "bnb")}
@@ -151,37 +152,47 @@ def nf4_race(device, rows: int, shapes: tuple[tuple[int, int], ...]) -> dict[str
         xs = {k: torch.randn(rows, k, dtype=torch.float16, device=device, generator=generator) for _, k in shapes}
         times = {}
         for backend, ws in weights.items():
-            if backend == "bnb":
-                if importlib.util.find_spec("bitsandbytes") is None:
-                    times[backend] = float("inf")
-                    continue
-                importlib.import_module("bitsandbytes")  # registers torch.ops.bitsandbytes
-            with torch.cuda.device(device):
-                for w in ws:  # compiles, allocates: outside the capture
-                    nf4_linear(xs[w.in_features], w)
-                torch.cuda.synchronize(device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for w in ws:
-                        nf4_linear(xs[w.in_features], w)
-                best = float("inf")
-                for repeat in range(6):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graph.replay()
-                    end.record()
-                    end.synchronize()
-                    if repeat:  # the first is the warm-up
-                        best = min(best, start.elapsed_time(end))
-                del graph
-            times[backend] = round(best, 4)
+            try:
+                times[backend] = round(_graph_time_ms(device, ws, xs), 4)
+            except Exception as error:  # noqa: BLE001 - a backend that fails its race is not chosen
+                times[backend] = float("inf")
+                times[f"{backend}_error"] = f"{type(error).__name__}: {error}"[:300]
         _RACES[key] = times
     return _RACES[key]
 
 
-def races() -> dict[str, dict[str, float]]:
-    """The `nf4_race` results of this process, e.g. {"cuda:0, 32 rows": {"cuda": 1.2, "bnb": 3.4}}."""
-    return {f"{device}, {rows} rows": times for (device, rows, _), times in _RACES.items()}
+def _graph_time_ms(device: torch.device, ws: list, xs: dict[int, torch.Tensor]) -> float:
+    """`nf4_linear` over the weights `ws` (x from `xs` by in_features) captured in a CUDA graph: the best of 5
+    replays after one call each outside the capture (compiles, allocates) and one replay."""
+    from .nf4 import nf4_linear
+
+    if ws[0].backend == "bnb":
+        importlib.import_module("bitsandbytes")  # registers torch.ops.bitsandbytes
+    with torch.cuda.device(device):
+        for w in ws:
+            nf4_linear(xs[w.in_features], w)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in ws:
+                nf4_linear(xs[w.in_features], w)
+        best = float("inf")
+        for repeat in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            if repeat:  # the first is the warm-up
+                best = min(best, start.elapsed_time(end))
+        return best
+
+
+def races() -> dict[str, dict[str, float | str | None]]:
+    """The `nf4_race` results of this process, e.g. {"cuda:0, 32 rows": {"cuda": 1.2, "bnb": 3.4}} (a failed
+    backend's time as None, for JSON)."""
+    return {f"{device}, {rows} rows": {name: None if value == float("inf") else value for name, value in times.items()}
+            for (device, rows, _), times in _RACES.items()}
 
 
 @functools.cache
