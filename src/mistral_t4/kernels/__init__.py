@@ -20,7 +20,8 @@ Which implementation runs is decided once, at load, from the device (`select_ker
                                  RMSNorm and prefill's elementwise steps are our Triton kernels
                                  on every GPU backend (no tl.dot; compile tests for sm75).
                                  No T4 was available to us: sm75 code is compiled in tests
-                                 and run on an H200 as PTX (MISTRAL_T4_NF4_CUDA_ARCH=compute_75)
+                                 and run on an H200 as PTX (MISTRAL_T4_NF4_CUDA_ARCH=compute_75).
+                                 (An sm80+ card without Triton chooses the same way.)
     sm80+ (A100, L4, H100, H200) Triton for both; for an engine that decodes <= 64 rows per
                                  step (`decode_rows`: the chat, the 32-request benchmark;
                                  MISTRAL_T4_NF4_CUDA_ROWS sets 1..64), nf4_linear in CUDA
