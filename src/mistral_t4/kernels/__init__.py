@@ -108,20 +108,18 @@ def select_kernels(device, force_reference: bool | None = None, decode_rows: int
         return {"nf4_linear": "reference", "decode_attention": "reference"}
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) >= (8, 0) and triton_available():
-        from . import nf4_cuda
+    from . import nf4_cuda
 
-        small = decode_rows is not None and decode_rows <= cuda_rows()
-        if small and os.environ.get(NF4_CUDA_ENV, "1") != "0" and nf4_cuda.available(device):
+    # the CUDA kernel is a candidate (compiled to check only then)
+    small = decode_rows is not None and decode_rows <= cuda_rows() and os.environ.get(NF4_CUDA_ENV, "1") != "0"
+    if tuple(capability) >= (8, 0) and triton_available():
+        if small and nf4_cuda.available(device):
             return {"nf4_linear": "cuda", "decode_attention": "triton"}
         return {"nf4_linear": "triton", "decode_attention": "triton"}
     nf4 = "bnb"
-    if decode_rows is not None and decode_rows <= cuda_rows() and os.environ.get(NF4_CUDA_ENV, "1") != "0":
-        from . import nf4_cuda
-
-        if nf4_cuda.available(device):
-            race = nf4_race(device, decode_rows, tuple(shapes))
-            nf4 = "cuda" if race["cuda"] < race["bnb"] else "bnb"
+    if small and nf4_cuda.available(device):
+        race = nf4_race(device, decode_rows, tuple(shapes))
+        nf4 = "cuda" if race["cuda"] < race["bnb"] else "bnb"
     return {"nf4_linear": nf4, "decode_attention": "reference"}
 
 

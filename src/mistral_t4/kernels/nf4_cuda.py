@@ -676,7 +676,7 @@ class _Module:
         self.functions = {}
         self.shared_set = {}
         # programmatic dependent launch: sm90, and code built for it (PTX of an older arch has no griddepcontrol.wait)
-        self.early = (major, minor) >= (9, 0) and (arch is None or int(arch.split("_")[1][:2]) >= 90)
+        self.early = (major, minor) >= (9, 0) and arch_number(arch, 90) >= 90
 
     def function(self, name: str) -> ctypes.c_void_p:
         if name not in self.functions:
@@ -834,14 +834,19 @@ def _module_cached(index: int, arch: str | None) -> _Module:
     return module
 
 
+def arch_number(arch: str | None, default: int) -> int:
+    """75 for "sm_75" / "compute_75", 90 for "sm_90a"; `default` (the card's own) for None."""
+    return default if arch is None else int(arch.split("_")[1][:2])
+
+
 def shared_plan(table_shared: int, optin: int, arch: str | None = None) -> tuple[bool, dict[str, int]]:
     """(whether CTAs cut K into ranges, dynamic shared memory per kernel) where the table takes `table_shared`
     bytes of a block's window (`table_shared_bytes`) and a block may have `optin`. Ranges where the table and
     every kernel's sums fit (sm80+: 127 KB, the sums below the table or after it); else the table alone,
-    one K range per CTA: a T4's 64 KB (its window starts at 0), and PTX for compute_75 run on a newer card
-    as a T4 would (`ARCH_ENV`). `available` then checks the table fits at all (an L4's 99 KB does not)."""
+    one K range per CTA: a T4's 64 KB (its window starts at 0), and code built for an arch before sm80 (PTX for
+    compute_75 run on a newer card, `ARCH_ENV`) plans as a T4 would. `available` then checks the table fits at all (an L4's 99 KB does not)."""
     with_sums = {kernel.name: matmul_shared_bytes(table_shared, kernel.reduce_bytes) for kernel in KERNELS}
-    if max(with_sums.values()) <= optin and not (arch or "").startswith("compute_75"):
+    if max(with_sums.values()) <= optin and arch_number(arch, 80) >= 80:
         return True, with_sums
     return False, {kernel.name: table_shared for kernel in KERNELS}
 
