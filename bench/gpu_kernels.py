@@ -12,7 +12,8 @@ decode step's fused rotary + cache write + attention against the three steps it 
 The gate/up projection with SiLU(gate) * up in the CUDA kernel's epilogue (`nf4_swiglu`) against
 the matmul then `silu_mul`, at 1-64 rows and with split-K (the partials' path): error against fp32,
 how many outputs differ from the two-step fp16 result, and time. The residual add + RMSNorm kernel
-against eager PyTorch and inductor's fused kernel.
+against eager PyTorch and inductor's fused kernel. The same norm carried by the CUDA NF4 kernels'
+epilogues (`norm_fold`) against PyTorch around the plain kernel and against eager RMSNorm then the matmul.
 A decode step's NF4 matmuls (8 layers of the 4 fused projections, 1 GB, one CUDA graph).
 Then: torch.compile(fullgraph=True, mode="reduce-overhead") captures both custom ops in
 one CUDA graph and matches eager; split-K gives bit-identical results call after call.
@@ -229,6 +230,64 @@ def bench_norm(device, dtype, time_ms):
         print(f"add_rms_norm rows={rows}: sum equal {row['sum_equal']}, h differs from eager in {row['h_differ']} "
               f"(inductor's: {row['inductor_h_differ']}) of {h.numel()}, max {row['h_max_abs_diff']:.1e}; "
               f"{row['fused_ms'] * 1e3:.1f} vs inductor {row['inductor_ms'] * 1e3:.1f} us", flush=True)
+    return results
+
+
+def bench_norm_fold(device, dtype, time_ms):
+    """The RMSNorm carried by the CUDA NF4 kernels' epilogues (`nf4_cuda.nf4_matmul(residual=, norm_weight=)` for o
+    and down, `(sq=, eps=)` for qkv and gate/up after them) against the same in PyTorch around the plain kernel
+    (`norm.residual_norm_parts`, `rms_scales`: the sum and its product with the weight must be equal bit for bit, the
+    sums of squares to fp32 rounding) and against eager RMSNorm then the matmul (what the decode step did: error
+    in fp32 terms), at 1-16 rows (`nf4_cuda.NORM_ROWS`) and with split-K (the last CTA's path); one matmul's time with, without."""
+    from mistral_t4.kernels.norm import add_rms_norm, residual_norm_parts, rms_scales
+
+    eps = 1e-5
+    results = []
+    for name, k, n, swiglu in [("o 4096->4096", 4096, 4096, False), ("down 14336->4096", 14336, 4096, False),
+                               ("qkv 4096->6144", 4096, 6144, False), ("gate_up 4096->28672", 4096, 28672, True),
+                               ("odd 576->208", 576, 208, False), ("odd 576->2x208", 576, 416, True)]:
+        w = NF4Weight.from_bnb(random_param(k, n, device), backend="cuda")
+        w_fp32 = w.dequantize(torch.float32)
+        norm_w = (1 + 0.1 * torch.randn(k, device=device)).to(dtype)  # the next norm's weight (over x's columns)
+        for m, split in [(1, None), (5, None), (8, None), (13, None), (16, None), (8, 3), (16, 2)]:
+            row = dict(shape=name, m=m, split_k=split)
+            if not swiglu:  # producer: x (m, k) @ W.T is the delta of a residual (m, n)
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                resid = torch.randn(m, n, device=device, dtype=dtype)
+                nw = (1 + 0.1 * torch.randn(n, device=device)).to(dtype)
+                total, xw, sums = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, split_k=split,
+                                                      residual=resid, norm_weight=nw)
+                plain = nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16, w.tile_counters, split_k=split)
+                ref_total, ref_xw, ref_sums = residual_norm_parts(resid, plain, nw)
+                torch.cuda.synchronize()
+                row.update(residual_equal=torch.equal(total, ref_total), xw_equal=torch.equal(xw, ref_xw),
+                           sums_rel_err=rel_error(sums, ref_sums.float()),
+                           counters_zero=int(w.tile_counters.abs().sum()) == 0)
+                if split is None:
+                    row["residual_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(
+                        x, w.packed, w.absmax, w.code_fp16, w.tile_counters, residual=resid, norm_weight=nw))
+                    row["plain_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(x, w.packed, w.absmax, w.code_fp16,
+                                                                           w.tile_counters))
+            # consumer: the norm of a residual s over k columns, applied after the matmul
+            s = torch.randn(m, k, device=device, dtype=dtype)
+            s_xw, s_sums = residual_norm_parts(s, torch.zeros_like(s), norm_w)[1:]
+            out = nf4_cuda.nf4_matmul(s_xw, w.packed, w.absmax, w.code_fp16, w.tile_counters, split_k=split,
+                                      swiglu=swiglu and split is None, sq=s_sums, eps=eps)
+            exact = (s_xw.float() @ w_fp32.T) * rms_scales(s_sums, eps)  # the same algebra in fp32
+            eager = add_rms_norm(torch.zeros_like(s), s, norm_w, eps)[1].float() @ w_fp32.T  # the step's norm, then W
+            if swiglu and split is None:
+                exact, eager = silu_mul(exact), silu_mul(eager)
+            torch.cuda.synchronize()
+            row.update(scaled_rel_err=rel_error(out, exact), scaled_vs_eager_norm=rel_error(out, eager),
+                       scaled_counters_zero=int(w.tile_counters.abs().sum()) == 0)
+            if split is None:
+                row["scaled_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(s_xw, w.packed, w.absmax, w.code_fp16,
+                                                                        w.tile_counters, swiglu=swiglu, sq=s_sums, eps=eps))
+                row["unscaled_ms"] = time_ms(lambda: nf4_cuda.nf4_matmul(s_xw, w.packed, w.absmax, w.code_fp16,
+                                                                          w.tile_counters, swiglu=swiglu))
+            results.append(row)
+            print("norm_fold " + " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                                          for key, value in row.items()), flush=True)
     return results
 
 
@@ -554,7 +613,7 @@ def main():
     parser.add_argument("--sweep-seconds", type=float, default=200, help="stop the NF4 sweep after this long")
     parser.add_argument("--nf4-variants", action="store_true", help="only: NF4 kernel variants on the decode shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, swiglu, norm, decode_step, compile, sweep)")
+    parser.add_argument("--only", help="comma-separated sections to run (nf4, attention, swiglu, norm, norm_fold, decode_step, compile, sweep)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16
@@ -577,6 +636,7 @@ def main():
     if device.type == "cuda":
         sections["swiglu"] = lambda: bench_swiglu(device, dtype, time_ms, args.smoke)
         sections["norm"] = lambda: bench_norm(device, dtype, time_ms)
+        sections["norm_fold"] = lambda: bench_norm_fold(device, dtype, time_ms)
         sections["decode_step"] = lambda: bench_decode_step(device, dtype, time_ms)
         sections["compile"] = lambda: check_compile_and_determinism(device, dtype)
     if args.nf4_variants:

@@ -312,10 +312,12 @@ def test_lora_adapters_match_peft_per_row(tokenizer, tmp_path):
         assert tokens[i] == (plain[i] if c is None else expected[c][i]), (i, c)
 
 
-def test_compiled_decode_compiles_one_layer_for_all(tokenizer, tmp_path):
+@pytest.mark.parametrize("norms_in_matmuls", [False, True])
+def test_compiled_decode_compiles_one_layer_for_all(tokenizer, tmp_path, norms_in_matmuls):
     """The engine's compiled decode step (inductor, here on CPU): the step's start, one decoder layer and its end
     are compiled, and every layer reuses the layer's graph (a recompile per layer would cost ~30x the compile on a GPU);
-    greedy tokens equal HF's / peft's on a ragged batch with an adapter on some rows."""
+    greedy tokens equal HF's / peft's on a ragged batch with an adapter on some rows; also with the norms carried
+    by the projections (the layer's state a pair there)."""
     from torch._dynamo.utils import counters
 
     from mistral_t4.loading import attach_adapters
@@ -330,13 +332,59 @@ def test_compiled_decode_compiles_one_layer_for_all(tokenizer, tmp_path):
     torch._dynamo.reset()
     counters.clear()
     try:
-        engine = Engine(FastMistral.from_hf(model), tokenizer, max_batch=4, max_len=64, compile=True)
+        fast = FastMistral.from_hf(model)
+        fast.norms_in_matmuls = norms_in_matmuls
+        engine = Engine(fast, tokenizer, max_batch=4, max_len=64, compile=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             tokens = run_engine_mixed(engine, prompts, 6, ["a", None, "a", None])
         assert counters["stats"]["unique_graphs"] == 3  # decode_start, decode_layer, decode_end
     finally:
         torch._dynamo.reset()
     assert tokens == [with_adapter[0], plain[1], with_adapter[2], plain[3]]
+
+
+def test_decode_step_with_norms_in_matmuls_matches_hf(tokenizer, tmp_path):
+    """The decode step with its RMSNorms carried by the projections (`FastMistral.norms_in_matmuls`: o and down
+    keep the residual sum, its product with the next norm's weight and its sums of squares; qkv and gate/up scale
+    their rows; here on CPU, the steps in PyTorch), adapters on some rows: greedy tokens equal HF's / peft's on
+    a ragged batch."""
+    from mistral_t4.loading import attach_adapters
+
+    base = tiny_model(seed=21)
+    prompts = ragged_prompts(5, base.config.vocab_size, seed=22)
+    plain = [hf_greedy(base, p, 8) for p in prompts]
+    make_adapter(tiny_model(seed=21), tmp_path / "a", seed=4, targets=("q_proj", "o_proj", "gate_proj", "down_proj"))
+    model = attach_adapters(tiny_model(seed=21), {"a": str(tmp_path / "a")})
+    with_adapter = [hf_greedy(model, p, 8) for p in prompts]
+    assert with_adapter != plain
+    fast = FastMistral.from_hf(model, {"nf4_linear": "reference", "decode_attention": "triton"})
+    assert not fast.norms_in_matmuls  # only the CUDA NF4 backend's kernels carry them
+    fast.norms_in_matmuls = True
+    engine = Engine(fast, tokenizer, max_batch=5, max_len=64, compile=False)
+    choice = ["a", None, "a", None, None]
+    tokens = run_engine_mixed(engine, prompts, 8, choice)
+    assert tokens == [with_adapter[i] if c else plain[i] for i, c in enumerate(choice)]
+
+
+def test_nf4_cuda_choice_on_cpu_matches_hf(tiny_random_path, tokenizer, monkeypatch):
+    """NF4 weights in the CUDA kernels' layout with their decode step (norms in the matmuls: the ops' CPU path
+    here) give HF's greedy tokens. Steps of up to 16 rows fold their norms (the kernels with those epilogues),
+    none with MISTRAL_T4_NORMS_IN_MATMULS=0."""
+    from mistral_t4 import kernels, loading
+
+    model, _ = loading.load(str(tiny_random_path), quant="nf4", device="cpu")
+    prompts = ragged_prompts(4, model.config.vocab_size, seed=23)
+    expected = [hf_greedy(model, p, 8) for p in prompts]
+    choice = {"nf4_linear": "cuda", "decode_attention": "triton"}
+    fast = FastMistral.from_hf(model, choice)
+    assert fast.norms_in_matmuls and fast.layers[0].qkv.nf4.backend == "cuda"
+    assert fast.folds_norms(1) and fast.folds_norms(16) and not fast.folds_norms(17)
+    engine = Engine(fast, tokenizer, max_batch=4, max_len=64, compile=False)
+    assert engine.describe()["norms_in_matmuls"] and "epilogues" in engine.kernels_line()
+    assert run_engine(engine, prompts, 8) == expected
+    assert not FastMistral.from_hf(model).folds_norms(1)  # the references: never
+    monkeypatch.setenv(kernels.NORMS_IN_MATMULS_ENV, "0")
+    assert not fast.folds_norms(1) and not engine.describe()["norms_in_matmuls"]
 
 
 def test_compiled_decode_of_nf4_weights_compiles_one_layer(model_cache, monkeypatch):

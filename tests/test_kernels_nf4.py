@@ -151,6 +151,33 @@ def test_nf4_swiglu_is_silu_of_the_projection(backend):
         torch.library.opcheck(torch.ops.mistral_t4.nf4_linear_fragments, args + (True,))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_nf4_linear_carries_the_rms_norm(backend, swiglu):
+    """`nf4_linear_residual` / `nf4_linear_scaled` (the RMSNorm in the "cuda" kernels' epilogues; here their ops'
+    CPU path and the reference backend's steps): the residual parts equal `residual_norm_parts` of the plain
+    product; the scaled product equals the plain one of rms_norm'ed input (to fp32 rounding), SiLU(gate) * up
+    with `swiglu`; the "cuda" ops pass opcheck."""
+    from mistral_t4.kernels.nf4 import nf4_linear_residual, nf4_linear_scaled, silu_mul
+    from mistral_t4.kernels.norm import add_rms_norm, residual_norm_parts
+
+    w = NF4Weight.from_bnb(bnb_weight(192, 128, seed=5), backend=backend)
+    generator = torch.Generator().manual_seed(6)
+    x, s = torch.randn(3, 128, generator=generator), torch.randn(3, 128, generator=generator)
+    resid, norm_w = torch.randn(3, 192, generator=generator), 1 + 0.1 * torch.randn(192, generator=generator)
+    parts = nf4_linear_residual(x, w, resid, norm_w)
+    assert all(torch.equal(a, b) for a, b in zip(parts, residual_norm_parts(resid, nf4_linear(x, w), norm_w)))
+    in_w = 1 + 0.1 * torch.randn(128, generator=generator)
+    _, xw, sums = residual_norm_parts(s, torch.zeros_like(s), in_w)
+    got = nf4_linear_scaled(xw, w, sums, 1e-5, swiglu=swiglu)
+    expected = nf4_linear(add_rms_norm(torch.zeros_like(s), s, in_w, 1e-5)[1], w)
+    torch.testing.assert_close(got, silu_mul(expected) if swiglu else expected, rtol=1e-5, atol=1e-5)
+    if backend == "cuda":
+        common = (w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters)
+        torch.library.opcheck(torch.ops.mistral_t4.nf4_linear_residual, (x, *common, resid, norm_w, True))
+        torch.library.opcheck(torch.ops.mistral_t4.nf4_linear_scaled, (xw, *common, sums, 1e-5, True, swiglu))
+
+
 def test_reference_keeps_leading_dimensions():
     w = NF4Weight.from_bnb(bnb_weight(40, 192), backend="reference")
     x = torch.randn(2, 3, 192)
@@ -393,8 +420,10 @@ def test_cuda_kernels_compile_for_gpus(arch, tmp_path):
                            capture_output=True, text=True, check=True).stdout
     specs = {kernel.name: kernel for kernel in nf4_cuda.KERNELS}
     specs |= {kernel.name + "_swiglu": kernel for kernel in nf4_cuda.KERNELS if kernel.swiglu}
+    specs |= {nf4_cuda.kernel_name(*spec): spec[0] for spec in nf4_cuda.norm_kernels()}  # with the RMSNorm's parts
     names = list(specs)
-    assert len(names) == 10 and all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
+    assert {"nf4_matmul_residual", "nf4_matmul_scaled", "nf4_matmul16_scaled_swiglu"} <= set(names)
+    assert len(names) == 16 and all(name in usage for name in names) and "nf4_dequantize" in usage and "smem_base" in usage
     assert len(re.findall(r"LOCAL:0\b", usage)) == len(names) + 2 and "STACK:0" in usage, usage
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     functions = {f.split("\n", 1)[0].strip(): f for f in sass.split("Function : ")[1:]}

@@ -34,6 +34,28 @@ def test_reference_is_huggingface_rms_norm(dtype):
     assert torch.equal(total, x + delta) and torch.equal(h, hf(x + delta))
 
 
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (5, 96), (3, 4096)])
+def test_norm_split_around_a_matmul(rows, hidden):
+    """`residual_norm_parts` + `rms_scales` (the RMSNorm carried by the NF4 kernels' epilogues): the residual
+    sum as `add_rms_norm`'s, the sums of squares per 16 columns, and rms_norm(s) @ W.T == r * ((s * weight) @ W.T)
+    to fp32 rounding; `norm_parts` of s alone equals the parts of s + 0."""
+    from mistral_t4.kernels.norm import norm_parts, residual_norm_parts, rms_scales
+
+    x, delta, weight = random_case(rows, hidden, torch.float32, seed=hidden)
+    w = torch.randn(7, hidden, generator=torch.Generator().manual_seed(1))
+    total, xw, sums = residual_norm_parts(x, delta, weight)
+    expected_total, h = add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, expected_total) and torch.equal(xw, total * weight)
+    assert sums.shape == (rows, hidden // 16) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums, total.pow(2).view(rows, -1, 16).sum(-1))
+    torch.testing.assert_close(rms_scales(sums, 1e-5) * (xw @ w.T), h @ w.T, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(norm_parts(total, weight), (xw, sums)))
+    half = [t.half() for t in (x, delta, weight)]  # fp16: the sum and the product rounded as eager, the sums in fp32
+    total16, xw16, sums16 = residual_norm_parts(*half)
+    assert torch.equal(total16, half[0] + half[1]) and torch.equal(xw16, total16 * half[2])
+    assert sums16.dtype == torch.float32
+
+
 def test_custom_op_on_cpu_is_the_reference():
     """Off CUDA the op runs the reference; its fake implementation and schema pass opcheck."""
     x, delta, weight = random_case(4, 96, torch.float32)

@@ -49,8 +49,10 @@ def source(constant_code=False):
         load = "const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);"
         assert load in body
         body = body.replace(load, "const u32 v = (u32)(b & 15) * 0x1111u | ((u32)(b >> 4) << 16);")
-    body = body.replace("template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false>",
-                        "template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A, int SLOT>", 1)
+    header = "template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false, int NORM = NORM_NONE>"
+    assert header in body
+    body = body.replace(header, "template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A, int SLOT, "
+                                "int NORM = NORM_NONE>", 1)
     swaps = [
         ("nf4_matmul_body(", "nf4_timed_body("),
         ("    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;\n",

@@ -166,7 +166,8 @@ def _sweep_point(fast, tokenizer, batch, prompt_len, new, cfg, log) -> dict:
         result = _run_engine(engine, prompts, new, False, log, None, f"sweep batch {batch}")
         point = {"batch": batch, **{k: result[k] for k in (
             "output_tokens_per_s", "total_tokens_per_s", "peak_memory_gib", "token_latency_p50_ms",
-            "requests_ok", "wall_s")}, "nf4_linear": fast.kernel_choice.get("nf4_linear")}
+            "requests_ok", "wall_s")}, "nf4_linear": fast.kernel_choice.get("nf4_linear"),
+            "norms_in_matmuls": fast.folds_norms(batch)}
     except (MemoryError, torch.OutOfMemoryError) as error:
         point = {"batch": batch, "error": f"{type(error).__name__}: {error}"}
     _free(fast.device)
@@ -180,7 +181,7 @@ def _batch1(fast, tokenizer, prompt_len, cfg, config, weight_bytes, bandwidth, l
     result = _run_engine(engine, make_prompts(tokenizer, 1, prompt_len, cfg.seed), new, False, log, None, "batch 1")
     out = {"prompt_tokens": prompt_len, "new_tokens": new, **{k: result[k] for k in (
         "output_tokens_per_s", "token_latency_p50_ms", "token_latency_p99_ms", "ttft_p50_s", "wall_s")},
-        "kernels": dict(fast.kernel_choice)}
+        "kernels": dict(fast.kernel_choice), "norms_in_matmuls": fast.folds_norms(1)}
     if bandwidth and result["token_latency_p50_ms"]:
         step_bytes = roofline.decode_bytes_per_step(config, weight_bytes, 1, prompt_len + new / 2)
         floor_ms = step_bytes / (bandwidth * 1e9) * 1000

@@ -323,13 +323,15 @@ class Engine:
         race = kernels.races().get(f"{self.device}, {self.max_batch} rows")
         if race:  # sm75: the timings that chose between our NF4 kernel and bitsandbytes'
             info["nf4_race_ms"] = race
+        info["norms_in_matmuls"] = self.model.folds_norms(self.max_batch)  # the decode step's RMSNorms: NF4 epilogues
         return info
 
     def kernels_line(self) -> str:
         """One line for a load log: the kernels this engine runs (on a T4 with the NF4 race that chose them)."""
         info = self.describe()
         race = f"; NF4 race, ms per layer: {info['nf4_race_ms']}" if "nf4_race_ms" in info else ""
-        return kernels.describe(info["kernels"]) + race
+        norms = "; RMSNorms in the NF4 matmuls' epilogues" if info["norms_in_matmuls"] else ""
+        return kernels.describe(info["kernels"]) + norms + race
 
 
 def make_engine(name: str, model, tokenizer, max_batch: int, max_len: int, compile: bool | None = None,

@@ -13,6 +13,10 @@ What this file changes from Hugging Face's version, and why:
   head once for its group of query heads (`kernels/attention.py`), never repeating K/V.
 - LoRA adapters stay unmerged: y = W x + s * B (A x), so NF4 base weights stay exact and
   each row of a batch may use a different adapter (or none).
+- With the CUDA NF4 kernels, a decode step of up to 16 rows does its RMSNorms in the
+  projections' epilogues (`FastMistral.folds_norms`): rms_norm(s) W^T = r (s * weight) W^T,
+  with r each row's 1 / sqrt(mean(s^2) + eps), so o / down keep s, s * weight and the sums of
+  s^2, and qkv / gate-up scale their rows by r.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mistral_t4 import kernels
 from mistral_t4.cache import write_decode
 from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
-from mistral_t4.kernels.nf4 import NF4Weight, nf4_linear, nf4_linear_reference, nf4_swiglu, silu_mul
-from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused, rms_norm
+from mistral_t4.kernels.nf4 import (NF4Weight, nf4_linear, nf4_linear_reference, nf4_linear_residual,
+                                    nf4_linear_scaled, nf4_swiglu, silu_mul)
+from mistral_t4.kernels.norm import (add_rms_norm, add_rms_norm_fused, norm_parts, residual_norm_parts, rms_norm,
+                                     rms_scales)
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -151,6 +157,25 @@ class FastLinear(nn.Module):
             return nf4_swiglu(x, self.nf4, self.early)
         return silu_mul(self(x, adapter_masks))
 
+    # The RMSNorm between two projections, carried by them (`norm.residual_norm_parts`, `FastMistral.norms_in_matmuls`)
+
+    def residual(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                 adapter_masks: list[torch.Tensor] | None = None):
+        """`residual_norm_parts(residual, self(x), norm_weight)`: on the "cuda" backend without adapters one kernel."""
+        if self.nf4 is not None and not self.reference and not self.lora_index:
+            return nf4_linear_residual(x, self.nf4, residual, norm_weight, self.early)
+        return residual_norm_parts(residual, self(x, adapter_masks), norm_weight)
+
+    def scaled(self, x: torch.Tensor, sums: torch.Tensor, eps: float,
+               adapter_masks: list[torch.Tensor] | None = None, swiglu: bool = False) -> torch.Tensor:
+        """`self(x)` with each row times `rms_scales(sums, eps)` (x: `residual_norm_parts`' second output, sums its
+        third), then `silu_mul` with `swiglu`: `rms_norm`'ed input, the norm applied after the matmul. On the
+        "cuda" backend without adapters one kernel; adapters' deltas are linear in x and scaled alike."""
+        if self.nf4 is not None and not self.reference and not self.lora_index:
+            return nf4_linear_scaled(x, self.nf4, sums, eps, self.early, swiglu)
+        y = (self(x, adapter_masks).float() * rms_scales(sums, eps)).to(x.dtype)
+        return silu_mul(y) if swiglu else y
+
 
 class FastLayer(nn.Module):
     def __init__(self, input_norm, qkv: FastLinear, o: FastLinear, post_norm, gate_up: FastLinear, down: FastLinear):
@@ -191,6 +216,14 @@ class FastMistral(nn.Module):
             for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 linear.early = chained and linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
             layer.down.early = layer.down.early and layer.gate_up.fuses_swiglu
+        # The decode step's RMSNorms in the CUDA NF4 kernels' epilogues (`FastLinear.residual` / `scaled`): o and down
+        # keep the residual sum, its product with the next norm's weight and its sums of squares; qkv and gate/up take
+        # that product and scale their rows. Two kernels fewer per layer; every matmul then follows a matmul or the
+        # attention, so all are launched early where these are. Where every projection can (`norms_in_matmuls`),
+        # for steps of the rows `kernels.norms_in_matmuls` takes (`folds_norms`: up to 16).
+        self.norms_in_matmuls = all(
+            linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
+            for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self.cache = None
         self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
         self.register_buffer("rope_sin", None, persistent=False)
@@ -209,6 +242,11 @@ class FastMistral(nn.Module):
         swiglu = frozenset({"gate_up"} if layer.gate_up.fuses_swiglu else ())  # as `FastLinear.swiglu` launches it
         return nf4_cuda.describe_plans(rows, shapes, kernels.multiprocessor_count(self.device), swiglu,
                                        nf4_cuda.cuts_ranges(self.device))
+
+    def folds_norms(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows does its RMSNorms in the projections (decided when a step of that
+        size is traced: a constant of its graph)."""
+        return self.norms_in_matmuls and kernels.norms_in_matmuls(rows)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -345,22 +383,29 @@ class FastMistral(nn.Module):
             following = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.norm
             x, h = steps.decode_layer(layer, x, h, following, getattr(self.cache, f"k{index}"),
                                       getattr(self.cache, f"v{index}"), positions, masks)
-        return steps.decode_end(h)
+        return steps.decode_end(x, h)
 
     def decode_start(self, tokens: torch.Tensor, adapter_ids: torch.Tensor):
-        """The step's input: (residual x, first layer's normalized h, adapter masks)."""
+        """The step's input: (residual x, the first layer's normalized h, adapter masks); where the step folds its
+        norms (`folds_norms`) h is (x times the norm's weight, x's sums of squares) (`residual_norm_parts`)."""
         x = F.embedding(tokens, self.embed)  # (B, hidden)
-        return x, rms_norm(x, self.layers[0].input_norm, self.eps), self.adapter_masks(adapter_ids, 1)
+        masks = self.adapter_masks(adapter_ids, 1)
+        if self.folds_norms(x.shape[0]):
+            return x, norm_parts(x, self.layers[0].input_norm), masks
+        return x, rms_norm(x, self.layers[0].input_norm, self.eps), masks
 
-    def decode_layer(self, layer: FastLayer, x: torch.Tensor, h: torch.Tensor, following: torch.Tensor,
+    def decode_layer(self, layer: FastLayer, x: torch.Tensor, h, following: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                     masks: list[torch.Tensor]):
         """One decoder layer of the step: (x, h) -> (x + attention + MLP, those normalized by `following`, the
         next layer's input norm or the final one). The layer's cache comes in as tensors, not a layer index,
-        so that one compiled graph serves every layer (an index would be a constant of the graph)."""
+        so that one compiled graph serves every layer (an index would be a constant of the graph).
+        Where the step folds its norms (`folds_norms`) h is the pair (x times the norm's weight, sums of squares)
+        in and out, and the projections carry the norms (`FastLinear.residual`, `FastLinear.scaled`)."""
         batch = x.shape[0]
+        folded = self.folds_norms(batch)
         norm = add_rms_norm_fused if self.fused_norms else add_rms_norm
-        qkv = layer.qkv(h, masks)
+        qkv = layer.qkv.scaled(*h, self.eps, masks) if folded else layer.qkv(h, masks)
         if self.kernel_choice.get("decode_attention") == "reference":  # rotary, the cache write and attention
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
             q, k, v = self._split_qkv(qkv)  # each (B, heads, head_dim)
@@ -371,12 +416,17 @@ class FastMistral(nn.Module):
         else:  # the same in one kernel (`decode_attention_rotary`)
             attn = decode_attention_rotary(qkv, k_cache, v_cache, positions, self.rope_cos, self.rope_sin,
                                            self.n_heads, self.head_dim**-0.5, self.sliding_window)
+        if folded:
+            x, *h = layer.o.residual(attn.reshape(batch, -1), x, layer.post_norm, masks)
+            x, *h = layer.down.residual(layer.gate_up.scaled(*h, self.eps, masks, swiglu=True), x, following, masks)
+            return x, tuple(h)
         x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
         return norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps)
 
-    def decode_end(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32 from the last layer's output (already through the final norm)."""
-        return F.linear(h, self.lm_head).float()
+    def decode_end(self, x: torch.Tensor, h) -> torch.Tensor:
+        """Logits in fp32 from the last layer's output (h: already through the final norm; where the step folds
+        its norms, the residual x is normalized here)."""
+        return F.linear(rms_norm(x, self.norm, self.eps) if self.folds_norms(x.shape[0]) else h, self.lm_head).float()
 
     def _split_qkv(self, qkv: torch.Tensor):
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim

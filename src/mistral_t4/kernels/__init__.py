@@ -63,6 +63,7 @@ __all__ = [
 
 REFERENCE_ENV = "MISTRAL_T4_REFERENCE_KERNELS"
 EARLY_LAUNCH_ENV = "MISTRAL_T4_EARLY_LAUNCH"
+NORMS_IN_MATMULS_ENV = "MISTRAL_T4_NORMS_IN_MATMULS"  # "0": the decode step's own RMSNorm kernels (to compare)
 NF4_CUDA_ENV = "MISTRAL_T4_NF4_CUDA"
 NF4_CUDA_ROWS_ENV = "MISTRAL_T4_NF4_CUDA_ROWS"
 
@@ -232,6 +233,21 @@ def early_launch(device) -> bool:
     device = torch.device(device)
     return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
             and os.environ.get(EARLY_LAUNCH_ENV, "1") != "0")
+
+
+def norms_in_matmuls(rows: int) -> bool:
+    """Whether a decode step of `rows` rows on the CUDA NF4 kernels does its RMSNorms in their epilogues
+    (`model.FastMistral`): up to `nf4_cuda.NORM_ROWS` (16), the kernels with those epilogues, unless
+    MISTRAL_T4_NORMS_IN_MATMULS=0 (the step's own add + RMSNorm kernels, to compare).
+    A replayed step against the package before, on an H200 (bench/results/h200_2026-11-27_s13_norms_in_matmuls/):
+    1 row 2.108 -> 2.030 ms, 16 rows 2.605 -> 2.570. At 32 rows it was slower (4.02 -> 4.13, against a build whose
+    plain kernels were slower too): without the norm kernel between them, a matmul's CTAs start only as the previous
+    matmul's leave (one CTA per SM), and their table build and first weight loads wait in the open instead of under
+    the norm kernel; at 32 rows that costs more than the norm kernels did.
+    """
+    from . import nf4_cuda
+
+    return os.environ.get(NORMS_IN_MATMULS_ENV, "1") != "0" and rows <= nf4_cuda.NORM_ROWS
 
 
 @functools.cache

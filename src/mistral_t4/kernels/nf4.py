@@ -47,6 +47,9 @@ Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.
                 PyTorch `NF4Weight.dequantize_plain`) + F.linear.
 `nf4_swiglu` is SiLU(gate) * up of the fused gate/up projection: on "cuda" one kernel (the
 matmul's epilogue does the rest), elsewhere `silu_mul` of `nf4_linear`.
+`nf4_linear_residual` and `nf4_linear_scaled` carry the RMSNorm between two matmuls
+(`norm.residual_norm_parts`, `norm.rms_scales`): on "cuda" in the kernels' epilogues, elsewhere
+the same in PyTorch.
 The CUDA paths are `torch.library` custom ops with fake implementations, so
 `torch.compile(fullgraph=True, mode="reduce-overhead")` captures them in a CUDA graph.
 """
@@ -363,3 +366,105 @@ def _nf4_swiglu_fragments(
 @_nf4_swiglu_fragments.register_fake
 def _(x, packed, absmax, code, code_fp16, tile_counters, early=False):
     return x.new_empty(x.shape[0], packed.shape[0] // 2)
+
+
+def nf4_linear_residual(x: torch.Tensor, w: NF4Weight, residual: torch.Tensor, norm_weight: torch.Tensor,
+                        early: bool = False):
+    """`residual_norm_parts(residual, nf4_linear(x, w), norm_weight)`: x (rows, in) -> (residual + x W^T, that
+    times norm_weight, its sums of squares per 16 columns (rows, out / 16) fp32); on "cuda" one kernel (its
+    epilogue), elsewhere the steps. `early`: see `nf4_linear`."""
+    from .norm import residual_norm_parts
+
+    if w.backend != "cuda":
+        return residual_norm_parts(residual, nf4_linear(x, w), norm_weight)
+    return torch.ops.mistral_t4.nf4_linear_residual(x, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
+                                                    residual, norm_weight, early)
+
+
+def nf4_linear_scaled(x: torch.Tensor, w: NF4Weight, sums: torch.Tensor, eps: float, early: bool = False,
+                      swiglu: bool = False) -> torch.Tensor:
+    """Each row of `nf4_linear(x, w)` times `rms_scales(sums, eps)` (x: `residual_norm_parts`' input times the
+    norm's weight, `sums` its sums of squares), rounded once; `swiglu`: then `silu_mul` (the fused gate/up weight).
+    On "cuda" one kernel (its epilogue), elsewhere the steps. `early`: see `nf4_linear`."""
+    if w.backend != "cuda":
+        return _scaled(nf4_linear_reference(x.float(), w) if w.backend == "reference" else nf4_linear(x, w).float(),
+                       sums, eps, x.dtype, swiglu)
+    return torch.ops.mistral_t4.nf4_linear_scaled(x, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
+                                                  sums, eps, early, swiglu)
+
+
+def _scaled(y: torch.Tensor, sums: torch.Tensor, eps: float, dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+    from .norm import rms_scales
+
+    y = (y.float() * rms_scales(sums, eps)).to(dtype)
+    return silu_mul(y) if swiglu else y
+
+
+def _cuda_rows(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernels carry the RMSNorm for x (else the ops take the steps)."""
+    from . import nf4_cuda
+
+    return x.is_cuda and x.dtype == torch.float16 and x.shape[0] <= nf4_cuda.NORM_ROWS
+
+
+@torch.library.custom_op("mistral_t4::nf4_linear_residual", mutates_args=())
+def _nf4_linear_residual(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code_fp16: torch.Tensor,
+    tile_counters: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    early: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`nf4_linear_residual` for the "cuda" backend: x (M, K), residual (M, N), norm_weight (N,)."""
+    from . import nf4_cuda
+    from .norm import residual_norm_parts
+
+    if _cuda_rows(x):
+        return nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, early=early, residual=residual,
+                                   norm_weight=norm_weight)
+    return residual_norm_parts(residual, _nf4_linear_fragments(x, packed, absmax, code, code_fp16, tile_counters),
+                               norm_weight)
+
+
+@_nf4_linear_residual.register_fake
+def _(x, packed, absmax, code, code_fp16, tile_counters, residual, norm_weight, early=False):
+    return (torch.empty_like(residual), torch.empty_like(residual),
+            residual.new_empty((residual.shape[0], residual.shape[1] // 16), dtype=torch.float32))
+
+
+@torch.library.custom_op("mistral_t4::nf4_linear_scaled", mutates_args=())
+def _nf4_linear_scaled(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    code_fp16: torch.Tensor,
+    tile_counters: torch.Tensor,
+    sums: torch.Tensor,
+    eps: float,
+    early: bool = False,
+    swiglu: bool = False,
+) -> torch.Tensor:
+    """`nf4_linear_scaled` for the "cuda" backend: x (M, K), sums (M, K / 16) -> (M, N), or (M, N / 2) `swiglu`."""
+    from . import multiprocessor_count, nf4_cuda
+
+    if _cuda_rows(x):
+        fused = swiglu and nf4_cuda.swiglu_supported(x.shape[0], packed.shape[0], multiprocessor_count(x.device))
+        y = nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, early=early, swiglu=fused, sq=sums,
+                                eps=eps)
+        return silu_mul(y) if swiglu and not fused else y
+    if x.dtype == torch.float16 and x.is_cuda:  # too many rows: dequantize, cuBLAS
+        y = F.linear(x, nf4_cuda.nf4_dequantize(packed, absmax, code)).float()
+    else:
+        y = F.linear(x.float(), NF4Weight(packed, absmax, code, code_fp16, tile_counters, nf4_cuda.BLOCKSIZE,
+                                          "cuda").dequantize(torch.float32))
+    return _scaled(y, sums, eps, x.dtype, swiglu)
+
+
+@_nf4_linear_scaled.register_fake
+def _(x, packed, absmax, code, code_fp16, tile_counters, sums, eps, early=False, swiglu=False):
+    return x.new_empty(x.shape[0], packed.shape[0] // 2 if swiglu else packed.shape[0])

@@ -60,8 +60,16 @@ the result is already a tensor-core register:
     SwiGLU kernel, all of which take part in the chain (`model.FastMistral`, `kernels.early_launch`).
     With the epilogue: batch 1 2.52 -> 2.18 ms per token, W32 6,390 -> 6,720 output tok/s (H200,
     bench/results/h200_2026-11-27_s9_swiglu_early/ and h200_2026-11-27_s9_norm_chain/).
-`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU, scale_a); the
-package's instances are `KERNELS`; bench/experiments/nf4_wide*.py instantiate others.
+  * The decode step's RMSNorms in the epilogues (`nf4_matmul(..., residual=, norm_weight=)` / `(sq=, eps=)`,
+    the `_residual` / `_scaled` instances of the 8- and 16-row kernels, `norm_kernels`): o and down store the
+    residual sum, its product with the next norm's weight and its sums of squares per 16 columns; qkv and
+    gate/up take that product as x and scale each row by 1 / sqrt(mean square + eps) before rounding. Two
+    kernels fewer per layer: a 1-row step 2.108 -> 2.030 ms, 16 rows 2.605 -> 2.570 (H200,
+    bench/results/h200_2026-11-27_s13_norms_in_matmuls/; at 32 rows it lost, `kernels.norms_in_matmuls`).
+    The template's NORM makes them instances of their own: passed at run time, the unused norm code made the
+    plain 32-row kernels 12.6% slower.
+`nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU, scale_a, NORM); the
+package's instances are `KERNELS` (and `norm_kernels`); bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
 layer at 1 row 67 us against 85 us for the previous version of this kernel (the shift-and-mask
 address, a 32 KB table, 4 warps per CTA) and 109 us for the Triton kernel; at 8 rows 88-90 / 96
@@ -295,31 +303,114 @@ __device__ __forceinline__ u16 swiglu(float gate, float up) {
     return to_half(from_half(to_half(g / (1.f + expf(-g)))) * from_half(to_half(up)));
 }
 
+// The RMSNorms between the matmuls, folded into them (`nf4_matmul(..., residual= / sq=)`; the template's NORM, in
+// `_residual` / `_scaled` instances: the plain kernels are compiled as if this did not exist):
+// NORM_RESIDUAL (o, down): the product is the residual stream's delta: stores resid_out = resid + x W^T (rounded to
+//   fp16 as eager PyTorch adds), xw_out = resid_out * norm_w (rounded), and sq (M, N / 16) the sums of resid_out^2
+//   (fp32) over each 16 outputs; `out` is not written.
+// NORM_SCALED (qkv, gate/up after it): x is such an xw and sq its sums; each row's result is times
+//   r = 1 / sqrt(sum(sq) / K + eps) before it is rounded (the row's RMSNorm, applied after the matmul).
+// Both in the epilogue: the main loop is the plain matmul's.
+enum { NORM_NONE = 0, NORM_RESIDUAL = 1, NORM_SCALED = 2 };
+struct Nf4Norm {
+    const u16* resid; u16* resid_out; u16* xw_out; const u16* norm_w; float* sq; float eps;
+};
+template <int NORM> struct NormTag {};  // deduces nf4_matmul_store's NORM
+__device__ __forceinline__ float warp_sum(float v, int from) {  // over lanes that differ in bits >= from
+    #pragma unroll
+    for (int bit = 16; bit >= 1; bit >>= 1)
+        if (bit >= from) v += __shfl_xor_sync(0xffffffffu, v, bit);
+    return v;
+}
+__device__ __forceinline__ float half_sum(float v) {  // over the 16 lanes of a half warp
+    #pragma unroll
+    for (int bit = 8; bit >= 1; bit >>= 1) v += __shfl_xor_sync(0xffffffffu, v, bit);
+    return v;
+}
+// NORM_RESIDUAL's element (m, n): the residual `resid` and norm weight `weight` (loaded by the caller, all of a lane's
+// first: a load after a store would wait for it) and the delta `d` (fp32 sum); stores the sum and xw, returns its square
+__device__ __forceinline__ float residual_store(const Nf4Norm& norm, int m, int n, int N, float d, u16 resid, u16 weight) {
+    const size_t at = (size_t)m * N + n;
+    const u16 sum = to_half(from_half(resid) + from_half(to_half(d)));
+    norm.resid_out[at] = sum;
+    norm.xw_out[at] = to_half(from_half(sum) * from_half(weight));
+    const float s = from_half(sum);
+    return s * s;
+}
+__device__ __forceinline__ u16 ld_half(const u16* p) { return __ldcg((const unsigned short*)p); }
+// NORM_SCALED's r of row m, which the block keeps in the unused halves of the table's rows 1 and 2
+__device__ __forceinline__ u32 row_scale_at(u32 table, int m) { return table + 256 * (1 + (m >> 5)) + 128 + 4 * (m & 31); }
+__device__ __forceinline__ float row_scale(u32 table, int m) {
+    float r;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(r) : "r"(row_scale_at(table, m)));
+    return r;
+}
+
 // The block's results: acc[q][nt][2h + e] = out[m = 8 nt + 2c + e, n = 16 (G0 + q) + g + 8h] (G0 + q < end),
 // stored, or with split-K written as partials that the block arriving last sums in split order into out.
 // SWIGLU: W is the fused gate/up weight (gate's N/2 rows, then up's) and out (M, N/2) = SiLU(x gate^T) * (x up^T);
 // the warp's groups q < NG/2 are gate's, q + NG/2 the up rows of the same outputs, and G0 / first / end count
 // output groups (partials keep both halves: gate at n, up at n + N/2). `flag`: a shared-memory word.
 // Every thread of the block calls it.
-template <int NT, int NG, int WARPS, bool SWIGLU>
+// NORM (`norm`: see Nf4Norm): NORM_SCALED's row scales are in shared memory (`row_scale`).
+template <int NT, int NG, int WARPS, bool SWIGLU, int NORM = NORM_NONE>
 __device__ __forceinline__ void nf4_matmul_store(
         const float (&acc)[NG][NT][4], u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int stride_om, int split_k, int first, int end, int G0, u32 flag) {
+        int M, int N, int stride_om, int split_k, int first, int end, int G0, u32 flag,
+        const Nf4Norm& norm = Nf4Norm{}, u32 table = 0, NormTag<NORM> = NormTag<NORM>{}) {
     constexpr int NO = SWIGLU ? NG / 2 : NG;  // output groups per warp
     const int half = N >> 1;
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    constexpr bool residual = !SWIGLU && NORM == NORM_RESIDUAL;
     if (split_k == 1) {
+        u16 resid[NO][NT][4], weight[NO][2];  // NORM_RESIDUAL: every load of the lane before its first store
+        if constexpr (residual) {
+            #pragma unroll
+            for (int q = 0; q < NO; q++) {
+                const bool live = G0 + q < end;
+                #pragma unroll
+                for (int h = 0; h < 2; h++) weight[q][h] = live ? ld_half(norm.norm_w + (G0 + q) * 16 + g + 8 * h) : 0;
+                #pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                        resid[q][nt][i] = live && m < M ? ld_half(norm.resid + (size_t)m * N + n) : 0;
+                    }
+            }
+        }
         #pragma unroll
         for (int q = 0; q < NO; q++) {
             if (G0 + q >= end) break;
             #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+            for (int nt = 0; nt < NT; nt++) {
+                float squares[2] = {0.f, 0.f};  // NORM_RESIDUAL: rows 8 nt + 2c + e, this lane's columns g and g + 8
                 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                    if (m < M) out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(acc[q][nt][i], acc[q + NO * SWIGLU][nt][i])
-                                                                       : to_half(acc[q][nt][i]);
+                    if constexpr (residual) {
+                        if (m < M)
+                            squares[i & 1] += residual_store(norm, m, n, N, acc[q][nt][i], resid[q][nt][i], weight[q][i >> 1]);
+                    } else if constexpr (NORM == NORM_SCALED) {
+                        if (m < M) {
+                            const float r = row_scale(table, m);
+                            out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(r * acc[q][nt][i], r * acc[q + NO * SWIGLU][nt][i])
+                                                                    : to_half(r * acc[q][nt][i]);
+                        }
+                    } else {
+                        if (m < M) out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(acc[q][nt][i], acc[q + NO * SWIGLU][nt][i])
+                                                                           : to_half(acc[q][nt][i]);
+                    }
                 }
+                if constexpr (residual) {  // each row's sum over the group's 16 columns: over g (lanes 4 apart), in a fixed order
+                    #pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const float total = warp_sum(squares[e], 4);
+                        const int m = nt * 8 + 2 * c + e;
+                        if (g == 0 && m < M) norm.sq[(size_t)m * (N >> 4) + G0 + q] = total;
+                    }
+                }
+            }
         }
         return;
     }
@@ -347,19 +438,41 @@ __device__ __forceinline__ void nf4_matmul_store(
     if (!last) return;
     __threadfence();
     const int rows = (end - first) * 16;  // the block's tile, element by element
-    for (int e = tid; e < rows * M; e += WARPS * 32) {
-        const int m = e / rows, n = first * 16 + e % rows;
-        float total = 0.f, up = 0.f;
-        for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
-            float v;
-            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
-            total += v;
-            if (SWIGLU) {
-                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n + half));
-                up += v;
+    if constexpr (residual) {  // (16 in a row: one group of a row) in whole warps, for the sums of squares
+        for (int e0 = tid - lane; e0 < rows * M; e0 += WARPS * 32) {
+            const int e = e0 + lane;
+            const bool live = e < rows * M;
+            const int m = live ? e / rows : 0, n = first * 16 + (live ? e % rows : 0);
+            float total = 0.f;
+            for (int k = 0; live && k < split_k; k++) {  // in split order: the same sum every call
+                float v;
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
+                total += v;
             }
+            const float sum = half_sum(live ? residual_store(norm, m, n, N, total, ld_half(norm.resid + (size_t)m * N + n),
+                                                             ld_half(norm.norm_w + n)) : 0.f);
+            if (live && (e & 15) == 0) norm.sq[(size_t)m * (N >> 4) + (n >> 4)] = sum;
         }
-        out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(total, up) : to_half(total);
+    } else {
+        for (int e = tid; e < rows * M; e += WARPS * 32) {
+            const int m = e / rows, n = first * 16 + e % rows;
+            float total = 0.f, up = 0.f;
+            for (int k = 0; k < split_k; k++) {  // in split order: the same sum every call
+                float v;
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n));
+                total += v;
+                if (SWIGLU) {
+                    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(partial + ((size_t)k * M + m) * N + n + half));
+                    up += v;
+                }
+            }
+            if constexpr (NORM == NORM_SCALED) {
+                const float r = row_scale(table, m);
+                total *= r;
+                up *= r;
+            }
+            out[(size_t)m * stride_om + n] = SWIGLU ? swiglu(total, up) : to_half(total);
+        }
     }
     if (tid == 0) counters[blockIdx.x] = 0;
 }
@@ -371,11 +484,12 @@ __device__ __forceinline__ void nf4_matmul_store(
 // and REDUCE_BYTES more when slices > 1 unless the window has them below the table. counters: >= gridDim.x
 // ints, zero on entry and on exit. SWIGLU (W the fused gate/up weight, out (M, N / 2)): the same over the
 // N / 2 outputs, grid (cdiv(N / 32, tile_groups), split_k), each warp on NG / 2 outputs' gate and up groups.
-template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false>
+template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false, int NORM = NORM_NONE>
 __device__ __forceinline__ void nf4_matmul_body(
         const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
-        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1) {
+        int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1,
+        const Nf4Norm norm = Nf4Norm{}) {
     extern __shared__ __align__(16) unsigned char window[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 base = (u32)__cvta_generic_to_shared(window);
@@ -494,6 +608,30 @@ __device__ __forceinline__ void nf4_matmul_body(
         }
     }
     dependents_launch();
+    if constexpr (NORM == NORM_SCALED) {  // each row's r from the sums of squares (sq: (M, K / 16)), rows m = w, w + WARPS..
+        constexpr int ROWS = (8 * NT + WARPS - 1) / WARPS;  // for warp w = WARPS - 1 - warp: the last warps, often idle
+        const int chunks = K >> 6;  // float4 per row
+        float totals[ROWS];
+        #pragma unroll
+        for (int j = 0; j < ROWS; j++) {  // every load of the warp before the first sum waits: no branches
+            const int m = WARPS - 1 - warp + j * WARPS;  // (rows past M read row M - 1, never used)
+            const float4* p = (const float4*)(norm.sq + (size_t)min(m, M - 1) * (K >> 4));
+            totals[j] = 0.f;
+            #pragma unroll 4
+            for (int i = lane; i < chunks; i += 32) {  // in a fixed order: the same r every call
+                const float4 v = __ldcg(p + i);
+                totals[j] += (v.x + v.y) + (v.z + v.w);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < ROWS; j++) {
+            const int m = WARPS - 1 - warp + j * WARPS;
+            const float total = warp_sum(totals[j], 1);
+            if (lane == 0 && m < M)
+                asm volatile("st.shared.f32 [%0], %1;" :: "r"(row_scale_at(table, m)), "f"(1.f / sqrtf(total / K + norm.eps)));
+        }
+        if (slices == 1) __syncthreads();  // (with ranges, their barrier below)
+    }
     if (slices > 1) {  // range 0's warps add the other ranges' sums to theirs, in range order
         if (tile.slice > 0) {
             #pragma unroll
@@ -523,7 +661,7 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
     }
     nf4_matmul_store<NT, NG, WARPS, SWIGLU>(acc, out, partial, counters, M, N, stride_om, split_k, first, end,
-                                            tile.slice == 0 ? G0 : end, flag);
+                                            tile.slice == 0 ? G0 : end, flag, norm, table, NormTag<NORM>{});
 }
 
 #define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A) \
@@ -532,6 +670,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, c
         int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, \
                                                        stride_om, split_k, tile_groups, slices); }
+// the same with the RMSNorm's part (NORM: NORM_RESIDUAL, the `_residual` instance, or NORM_SCALED, `_scaled`)
+#define NF4_NORM_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A, NORM) \
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
+        const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
+        int split_k, int tile_groups, int slices, const u16* resid, u16* resid_out, u16* xw_out, const u16* norm_w, \
+        float* sq, float eps) { \
+    nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A, NORM>(x, wq, scales, code, out, partial, counters, M, N, K, \
+        stride_xm, stride_om, split_k, tile_groups, slices, Nf4Norm{resid, resid_out, xw_out, norm_w, sq, eps}); }
 // instances: `instance()` below (SWIGLU: NAME_swiglu, out (M, N / 2) = SiLU(x gate^T) * (x up^T) for the fused
 // gate/up weight, nf4_matmul_store)
 
@@ -576,13 +722,33 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
 
 
 # the package's instances (`KERNELS`)
-def instance(kernel: Kernel, swiglu: bool = False) -> str:
-    """The source line that instantiates `kernel` (its `_swiglu` instance with `swiglu`)."""
-    return (f"NF4_KERNEL({kernel.name}{'_swiglu' if swiglu else ''}, {kernel.tiles}, {kernel.groups}, {kernel.ring}, "
-            f"{kernel.warps}, {str(bool(swiglu)).lower()}, {str(bool(kernel.scale_a)).lower()})\n")
+NORM_ROWS = 16  # the kernels of at most this many rows have `_residual` / `_scaled` instances (`norm_kernels`)
+NORMS = {"residual": 1, "scaled": 2}  # the source's NORM_RESIDUAL, NORM_SCALED
 
 
-SOURCE += "".join(instance(k) for k in KERNELS) + "".join(instance(k, swiglu=True) for k in KERNELS if k.swiglu)
+def instance(kernel: Kernel, swiglu: bool = False, norm: str | None = None) -> str:
+    """The source line that instantiates `kernel` (its `_swiglu` instance with `swiglu`; with `norm` its
+    `_residual` / `_scaled` (`_scaled_swiglu`) instance, which carries a part of the RMSNorm, `Nf4Norm`)."""
+    args = (f"{kernel.tiles}, {kernel.groups}, {kernel.ring}, {kernel.warps}, {str(bool(swiglu)).lower()}, "
+            f"{str(bool(kernel.scale_a)).lower()}")
+    if norm is None:
+        return f"NF4_KERNEL({kernel.name}{'_swiglu' if swiglu else ''}, {args})\n"
+    return f"NF4_NORM_KERNEL({kernel_name(kernel, swiglu, norm)}, {args}, {NORMS[norm]})\n"
+
+
+def kernel_name(kernel: Kernel, swiglu: bool = False, norm: str | None = None) -> str:
+    return kernel.name + (f"_{norm}" if norm else "") + ("_swiglu" if swiglu else "")
+
+
+def norm_kernels() -> list[tuple[Kernel, bool, str]]:
+    """(kernel, swiglu, norm) of every instance with a part of the RMSNorm: o and down take `_residual`, qkv
+    `_scaled` and gate/up `_scaled_swiglu`, up to NORM_ROWS rows (`kernels.norms_in_matmuls`)."""
+    return [(k, swiglu, norm) for k in KERNELS if k.rows <= NORM_ROWS for norm in NORMS
+            for swiglu in ((False, True) if norm == "scaled" and k.swiglu else (False,))]
+
+
+SOURCE += ("".join(instance(k) for k in KERNELS) + "".join(instance(k, swiglu=True) for k in KERNELS if k.swiglu)
+           + "".join(instance(*spec) for spec in norm_kernels()))
 
 
 def supports(out_features: int, in_features: int, blocksize: int) -> bool:
@@ -687,12 +853,13 @@ class _Module:
 
     def launch(self, name: str, grid: tuple[int, int], block: int, args: list, shared: int = 0,
                early: bool = False) -> None:
-        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints.
+        """Launch `name` on PyTorch's current stream (so CUDA graphs capture it); ints go as C ints, floats as C floats.
 
         `shared`: bytes of dynamic shared memory (`extern __shared__`); the limit is raised to it once per function.
         `early`: programmatic dependent launch (sm90; ignored on older cards): the grid may start while
         the previous one finishes; the kernel must `dependencies_wait()` before it reads what that one wrote."""
-        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+                  else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
         function = self.function(name)
         if torch.cuda.current_device() != self.index:  # the driver launches in the current device's context
@@ -826,6 +993,7 @@ def _module_cached(index: int, arch: str | None) -> _Module:
     device = torch.device("cuda", index)
     module = _Module(device, arch=arch)
     names = [kernel.name for kernel in KERNELS] + [kernel.name + "_swiglu" for kernel in KERNELS if kernel.swiglu]
+    names += [kernel_name(*spec) for spec in norm_kernels()]
     for name in names + ["nf4_dequantize"]:  # now, not during a graph capture
         module.function(name)
     module.table_shared = table_shared_bytes(module)
@@ -930,12 +1098,19 @@ def swiglu_supported(m: int, n: int, sm_count: int) -> bool:
 
 def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, code_fp16: torch.Tensor,
                tile_counters: torch.Tensor, out: torch.Tensor | None = None, split_k: int | None = None,
-               early: bool = False, swiglu: bool = False) -> torch.Tensor:
+               early: bool = False, swiglu: bool = False, residual: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, sq: torch.Tensor | None = None, eps: float = 0.0):
     """x (M <= MAX_ROWS, K) fp16 @ W.T -> (M, N) fp16; W in the fragment layout; `code_fp16` the NF4
     table. The kernel of the fewest rows >= M (`kernel_for`).
     `early`: programmatic dependent launch (see `_Module.launch`; bench/experiments/nf4_pdl.py).
     `swiglu`: W is the fused gate/up weight (gate's rows, then up's): -> (M, N / 2) SiLU(gate) * up,
-    computed by the matmul's epilogue from its fp16 outputs as eager PyTorch does (`swiglu_supported`)."""
+    computed by the matmul's epilogue from its fp16 outputs as eager PyTorch does (`swiglu_supported`).
+    The RMSNorm after the residual add, split across two matmuls (`nf4.residual_norm_parts`, `nf4.rms_scales`):
+      * `residual` (M, N) and `norm_weight` (N,): the product is the residual's delta: -> (residual + delta,
+        that times norm_weight, its sums of squares per 16 columns (M, N / 16) fp32), each rounded as eager;
+      * `sq` (M, K / 16) such sums of x's rows (x: such a product with the weight) and `eps`: each output row
+        times 1 / sqrt(mean square + eps) (its RMSNorm, after the matmul) before it is rounded.
+    Both in `_residual` / `_scaled` instances of the kernels, up to NORM_ROWS rows."""
     m, k = x.shape
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
@@ -944,6 +1119,19 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     outputs = n // 2 if swiglu else n
     if out is None:
         out = torch.empty((m, outputs), dtype=torch.float16, device=x.device)
+    norm_args, norm_mode = [], None  # (resid, resid_out, xw_out, norm_w, sq, eps) of the `_residual` / `_scaled` kernels
+    if residual is not None or sq is not None:
+        assert m <= NORM_ROWS, f"the kernels carry the RMSNorm up to {NORM_ROWS} rows"
+    if residual is not None:
+        assert not swiglu and sq is None and residual.shape == (m, n) and residual.dtype == torch.float16
+        assert norm_weight is not None and norm_weight.shape == (n,) and norm_weight.dtype == torch.float16
+        residual, norm_weight = residual.contiguous(), norm_weight.contiguous()
+        total, xw = torch.empty_like(residual), torch.empty_like(residual)
+        sums = torch.empty((m, n // GROUP), dtype=torch.float32, device=x.device)
+        norm_args, norm_mode, out = [residual, total, xw, norm_weight, sums, 0.0], "residual", (total, xw, sums)
+    elif sq is not None:
+        assert sq.shape == (m, k // GROUP) and sq.dtype == torch.float32
+        norm_args, norm_mode = [out, out, out, out, sq.contiguous(), float(eps)], "scaled"
     if m == 0:  # the kernel reads row M - 1 for its padding rows
         return out
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows must allow 16-byte loads
@@ -955,14 +1143,16 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     if split_k is not None and split_k != split:  # a split of the caller's: one K range per CTA
         tile_groups, split, slices = kernel.warps * kernel.groups, split_k, 1
     split_k = split
-    name = kernel.name
     if swiglu:  # the same warps and K ranges, each warp's groups half gate's, half up's: half the output groups
         assert swiglu_supported(m, n, multiprocessor_count(x.device)), "no SwiGLU kernel for this shape"
-        name, tile_groups = name + "_swiglu", tile_groups // 2
-    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+        tile_groups //= 2
+    name = kernel_name(kernel, swiglu, norm_mode)
+    target = norm_args[1] if norm_mode == "residual" else out  # (`out` itself is not written with `residual`)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else target
     grid = (-(-(outputs // GROUP) // tile_groups), split_k)
-    kernels.launch(name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, out, partial, tile_counters,
-                                                   m, n, k, x.stride(0), out.stride(0), split_k, tile_groups, slices],
+    kernels.launch(name, grid, 32 * kernel.warps, [x, fragments, scales, code_fp16, target, partial, tile_counters,
+                                                   m, n, k, x.stride(0), target.stride(0), split_k, tile_groups, slices,
+                                                   *norm_args],
                    shared=kernels.shared[kernel.name], early=early)
     return out
 

@@ -27,6 +27,31 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return x, rms_norm(x, weight, eps)
 
 
+# RMSNorm split around a matmul, so that the CUDA NF4 kernels can do it in their epilogues (`nf4.nf4_linear_residual`,
+# `nf4.nf4_linear_scaled`) and the decode step loses its norm kernels: rms_norm(s) @ W.T = r * ((s * weight) @ W.T)
+# for each row's r = 1 / sqrt(mean(s^2) + eps). The matmul giving the residual's delta keeps the sum s, s * weight and
+# the sums of s^2 per 16 columns; the next matmul takes s * weight as its input and scales its rows by r. The
+# roundings differ from `rms_norm`'s (weight * fp16(s r) there, r applied to the fp32 sums here): within an fp16 ulp
+# of the input, as any reordering.
+SQ_GROUP = 16  # columns per partial sum of squares (the CUDA kernels' row groups)
+
+
+def residual_norm_parts(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
+    """(s = x + delta, s * weight, the sums of s^2 in fp32 over each 16 columns: (rows, hidden / 16))."""
+    total = x + delta
+    return (total, *norm_parts(total, weight))
+
+
+def norm_parts(s: torch.Tensor, weight: torch.Tensor):
+    """`residual_norm_parts` of s itself: (s * weight, the sums of s^2 per 16 columns)."""
+    return s * weight, s.float().pow(2).unflatten(-1, (-1, SQ_GROUP)).sum(-1)
+
+
+def rms_scales(sums: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's r = 1 / sqrt(mean square + eps) (rows, 1) fp32 from `residual_norm_parts`' sums."""
+    return 1.0 / torch.sqrt(sums.sum(-1, keepdim=True) / (sums.shape[-1] * SQ_GROUP) + eps)
+
+
 def add_rms_norm_fused(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
     """`add_rms_norm` of (rows, hidden) fp16/fp32 CUDA tensors in one Triton kernel (a custom op, so that
     compiled graphs keep it as it is); the same roundings as eager PyTorch."""
