@@ -238,7 +238,8 @@ def bench_norm_fold(device, dtype, time_ms):
     and down, `(sq=, eps=)` for qkv and gate/up after them) against the same in PyTorch around the plain kernel
     (`norm.residual_norm_parts`, `rms_scales`: the sum and its product with the weight must be equal bit for bit, the
     sums of squares to fp32 rounding) and against eager RMSNorm then the matmul (what the decode step did: error
-    in fp32 terms), at 1-16 rows (`nf4_cuda.NORM_ROWS`) and with split-K (the last CTA's path); one matmul's time with, without."""
+    in fp32 terms), at 1-16 rows (`nf4_cuda.NORM_ROWS`) and with split-K (the last CTA's path); the time of one
+    matmul with and without."""
     from mistral_t4.kernels.norm import add_rms_norm, residual_norm_parts, rms_scales
 
     eps = 1e-5

@@ -35,9 +35,8 @@ from mistral_t4 import kernels
 from mistral_t4.cache import write_decode
 from mistral_t4.kernels.attention import decode_attention_reference, decode_attention_rotary, rotate
 from mistral_t4.kernels.nf4 import (NF4Weight, nf4_linear, nf4_linear_reference, nf4_linear_residual,
-                                    nf4_linear_scaled, nf4_swiglu, silu_mul)
-from mistral_t4.kernels.norm import (add_rms_norm, add_rms_norm_fused, norm_parts, residual_norm_parts, rms_norm,
-                                     rms_scales)
+                                    nf4_linear_scaled, nf4_swiglu, scale_rows, silu_mul)
+from mistral_t4.kernels.norm import add_rms_norm, add_rms_norm_fused, norm_parts, residual_norm_parts, rms_norm
 
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -173,8 +172,7 @@ class FastLinear(nn.Module):
         "cuda" backend without adapters one kernel; adapters' deltas are linear in x and scaled alike."""
         if self.nf4 is not None and not self.reference and not self.lora_index:
             return nf4_linear_scaled(x, self.nf4, sums, eps, self.early, swiglu)
-        y = (self(x, adapter_masks).float() * rms_scales(sums, eps)).to(x.dtype)
-        return silu_mul(y) if swiglu else y
+        return scale_rows(self(x, adapter_masks), sums, eps, x.dtype, swiglu)
 
 
 class FastLayer(nn.Module):

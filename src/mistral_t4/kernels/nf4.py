@@ -387,13 +387,16 @@ def nf4_linear_scaled(x: torch.Tensor, w: NF4Weight, sums: torch.Tensor, eps: fl
     norm's weight, `sums` its sums of squares), rounded once; `swiglu`: then `silu_mul` (the fused gate/up weight).
     On "cuda" one kernel (its epilogue), elsewhere the steps. `early`: see `nf4_linear`."""
     if w.backend != "cuda":
-        return _scaled(nf4_linear_reference(x.float(), w) if w.backend == "reference" else nf4_linear(x, w).float(),
-                       sums, eps, x.dtype, swiglu)
+        y = nf4_linear_reference(x.float(), w) if w.backend == "reference" else nf4_linear(x, w)
+        return scale_rows(y, sums, eps, x.dtype, swiglu)
     return torch.ops.mistral_t4.nf4_linear_scaled(x, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
                                                   sums, eps, early, swiglu)
 
 
-def _scaled(y: torch.Tensor, sums: torch.Tensor, eps: float, dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+def scale_rows(y: torch.Tensor, sums: torch.Tensor, eps: float, dtype: torch.dtype,
+               swiglu: bool = False) -> torch.Tensor:
+    """y's rows times `rms_scales(sums, eps)` in fp32, rounded to `dtype`; `swiglu`: then `silu_mul` (the steps of
+    `nf4_linear_scaled`'s epilogue)."""
     from .norm import rms_scales
 
     y = (y.float() * rms_scales(sums, eps)).to(dtype)
@@ -462,7 +465,7 @@ def _nf4_linear_scaled(
     else:
         y = F.linear(x.float(), NF4Weight(packed, absmax, code, code_fp16, tile_counters, nf4_cuda.BLOCKSIZE,
                                           "cuda").dequantize(torch.float32))
-    return _scaled(y, sums, eps, x.dtype, swiglu)
+    return scale_rows(y, sums, eps, x.dtype, swiglu)
 
 
 @_nf4_linear_scaled.register_fake
