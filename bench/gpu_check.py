@@ -5,7 +5,8 @@
 For each weight format: prefill logits and teacher-forced decode logits of FastMistral vs
 the HF model (relative error per step), greedy tokens of our engine vs HF generate (how many
 steps agree), for the kernels chosen for its 4-slot engine ("fast"), the references, and on NF4
-the Triton kernel (if "fast" took the CUDA one) and the T4 path (with bitsandbytes' kernel too, if
+the Triton kernel (if "fast" took the CUDA one), "fast" with the step's own RMSNorm kernels (where it
+does them in the matmuls' epilogues) and the T4 path (with bitsandbytes' kernel too, if
 the T4's race here picked ours); evidence that the compiled
 decode step replays as a CUDA graph (graph launches vs kernel launches in a profile).
 Prints a table; writes gpu_check.json.
@@ -130,6 +131,8 @@ def main() -> None:
             # Triton attention, which a T4 does not: `select_kernels` keeps the reference attention there). Its NF4
             # backend is the winner of `kernels.nf4_race` on this card; MISTRAL_T4_NF4_CUDA_ARCH=compute_75 makes
             # the CUDA kernels the T4's code and plans too (s12)
+            # the decode step's own add + RMSNorm kernels, where "fast" does its norms in the matmuls (s13)
+            variants.append(("fast_norm_kernels", fast_choice))
             t4 = kernels.select_kernels(device, decode_rows=args.rows, capability=(7, 5))
             variants.append(("t4_path", t4))
             if t4["nf4_linear"] != "bnb":  # bitsandbytes' kernel, which a T4 takes where it wins the race there
@@ -137,9 +140,13 @@ def main() -> None:
         for label, choice in variants:
             force = label == "reference"
             fast = FastMistral.from_hf(model, choice)
+            if label == "fast_norm_kernels":
+                if not fast.folds_norms(args.rows):
+                    continue  # the same as "fast"
+                fast.norms_in_matmuls = False
             engine = Engine(fast, tokenizer, max_batch=args.rows, max_len=256, compile=not force)
             compile_s = engine.warmup()
-            item = {"kernels": choice, "compile_s": round(compile_s, 1),
+            item = {"kernels": choice, "norms_in_matmuls": fast.folds_norms(args.rows), "compile_s": round(compile_s, 1),
                     "teacher_forced": teacher_forced(hf, fast, engine, prompts[0], args.steps),
                     "greedy_steps_equal_hf": greedy_agreement(hf, engine, prompts, args.steps)}
             if label == "fast":
