@@ -240,7 +240,7 @@ def bench_norm_fold(device, dtype, time_ms):
     sums of squares to fp32 rounding) and against eager RMSNorm then the matmul (what the decode step did: error
     in fp32 terms), at 1-16 rows (`nf4_cuda.NORM_ROWS`) and with split-K (the last CTA's path); the time of one
     matmul with and without."""
-    from mistral_t4.kernels.norm import add_rms_norm, residual_norm_parts, rms_scales
+    from mistral_t4.kernels.norm import add_rms_norm, norm_parts, residual_norm_parts, rms_scales
 
     eps = 1e-5
     results = []
@@ -271,7 +271,7 @@ def bench_norm_fold(device, dtype, time_ms):
                                                                            w.tile_counters))
             # consumer: the norm of a residual s over k columns, applied after the matmul
             s = torch.randn(m, k, device=device, dtype=dtype)
-            s_xw, s_sums = residual_norm_parts(s, torch.zeros_like(s), norm_w)[1:]
+            s_xw, s_sums = norm_parts(s, norm_w)
             out = nf4_cuda.nf4_matmul(s_xw, w.packed, w.absmax, w.code_fp16, w.tile_counters, split_k=split,
                                       swiglu=swiglu and split is None, sq=s_sums, eps=eps)
             exact = (s_xw.float() @ w_fp32.T) * rms_scales(s_sums, eps)  # the same algebra in fp32

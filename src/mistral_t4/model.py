@@ -144,10 +144,16 @@ class FastLinear(nn.Module):
         return y
 
     @property
+    def own_epilogue(self) -> bool:
+        """Whether the NF4 kernel's epilogue may finish this projection's step (SiLU, the RMSNorm's parts): not with
+        adapters, whose deltas come after the kernel, nor on the reference path."""
+        return self.nf4 is not None and not self.reference and not self.lora_index
+
+    @property
     def fuses_swiglu(self) -> bool:
         """Whether `swiglu` runs SiLU in the NF4 kernel's epilogue (LoRA deltas must be added before
         SiLU, so not with adapters)."""
-        return self.nf4 is not None and not self.reference and not self.lora_index
+        return self.own_epilogue
 
     def swiglu(self, x: torch.Tensor, adapter_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """SiLU(gate) * up of this fused gate/up projection: `nf4_swiglu` where `fuses_swiglu` (on the
@@ -161,7 +167,7 @@ class FastLinear(nn.Module):
     def residual(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                  adapter_masks: list[torch.Tensor] | None = None):
         """`residual_norm_parts(residual, self(x), norm_weight)`: on the "cuda" backend without adapters one kernel."""
-        if self.nf4 is not None and not self.reference and not self.lora_index:
+        if self.own_epilogue:
             return nf4_linear_residual(x, self.nf4, residual, norm_weight, self.early)
         return residual_norm_parts(residual, self(x, adapter_masks), norm_weight)
 
@@ -170,7 +176,7 @@ class FastLinear(nn.Module):
         """`self(x)` with each row times `rms_scales(sums, eps)` (x: `residual_norm_parts`' second output, sums its
         third), then `silu_mul` with `swiglu`: `rms_norm`'ed input, the norm applied after the matmul. On the
         "cuda" backend without adapters one kernel; adapters' deltas are linear in x and scaled alike."""
-        if self.nf4 is not None and not self.reference and not self.lora_index:
+        if self.own_epilogue:
             return nf4_linear_scaled(x, self.nf4, sums, eps, self.early, swiglu)
         return scale_rows(self(x, adapter_masks), sums, eps, x.dtype, swiglu)
 
@@ -210,18 +216,20 @@ class FastMistral(nn.Module):
         self.fused_norms = set(kernel_choice.values()) != {"reference"} and kernels.triton_available()
         chained = (self.fused_norms and kernel_choice.get("decode_attention") == "triton"
                    and kernels.early_launch(self.device))
+        def on_cuda_kernels(linear: FastLinear) -> bool:
+            return linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
+
         for layer in self.layers:
             for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                linear.early = chained and linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
+                linear.early = chained and on_cuda_kernels(linear)
             layer.down.early = layer.down.early and layer.gate_up.fuses_swiglu
         # The decode step's RMSNorms in the CUDA NF4 kernels' epilogues (`FastLinear.residual` / `scaled`): o and down
         # keep the residual sum, its product with the next norm's weight and its sums of squares; qkv and gate/up take
         # that product and scale their rows. Two kernels fewer per layer; every matmul then follows a matmul or the
         # attention, so all are launched early where these are. Where every projection can (`norms_in_matmuls`),
         # for steps of the rows `kernels.norms_in_matmuls` takes (`folds_norms`: up to 16).
-        self.norms_in_matmuls = all(
-            linear.nf4 is not None and not linear.reference and linear.nf4.backend == "cuda"
-            for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.norms_in_matmuls = all(on_cuda_kernels(linear) for layer in self.layers
+                                    for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self.cache = None
         self.register_buffer("rope_cos", None, persistent=False)  # (max_len, head_dim), set by attach_cache
         self.register_buffer("rope_sin", None, persistent=False)

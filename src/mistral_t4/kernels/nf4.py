@@ -387,8 +387,7 @@ def nf4_linear_scaled(x: torch.Tensor, w: NF4Weight, sums: torch.Tensor, eps: fl
     norm's weight, `sums` its sums of squares), rounded once; `swiglu`: then `silu_mul` (the fused gate/up weight).
     On "cuda" one kernel (its epilogue), elsewhere the steps. `early`: see `nf4_linear`."""
     if w.backend != "cuda":
-        y = nf4_linear_reference(x.float(), w) if w.backend == "reference" else nf4_linear(x, w)
-        return scale_rows(y, sums, eps, x.dtype, swiglu)
+        return scale_rows(nf4_linear(x, w), sums, eps, x.dtype, swiglu)
     return torch.ops.mistral_t4.nf4_linear_scaled(x, w.packed, w.absmax, w.code, w.code_fp16, w.tile_counters,
                                                   sums, eps, early, swiglu)
 
@@ -460,12 +459,8 @@ def _nf4_linear_scaled(
         y = nf4_cuda.nf4_matmul(x, packed, absmax, code_fp16, tile_counters, early=early, swiglu=fused, sq=sums,
                                 eps=eps)
         return silu_mul(y) if swiglu and not fused else y
-    if x.dtype == torch.float16 and x.is_cuda:  # too many rows: dequantize, cuBLAS
-        y = F.linear(x, nf4_cuda.nf4_dequantize(packed, absmax, code)).float()
-    else:
-        y = F.linear(x.float(), NF4Weight(packed, absmax, code, code_fp16, tile_counters, nf4_cuda.BLOCKSIZE,
-                                          "cuda").dequantize(torch.float32))
-    return scale_rows(y, sums, eps, x.dtype, swiglu)
+    return scale_rows(_nf4_linear_fragments(x, packed, absmax, code, code_fp16, tile_counters), sums, eps, x.dtype,
+                      swiglu)
 
 
 @_nf4_linear_scaled.register_fake
