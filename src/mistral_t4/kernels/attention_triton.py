@@ -108,8 +108,8 @@ def _decode_attention_kernel(
     ROTARY: tl.constexpr,
     PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before it
 ):
-    if PDL:
-        gdc_wait()  # the qkv projection's output (and every earlier write) is visible from here
+    if PDL and not ROTARY:
+        gdc_wait()  # lengths may come from the kernel before: everything waits
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -122,18 +122,28 @@ def _decode_attention_kernel(
     begin = tl.maximum(length - window, 0)
     lo = tl.maximum(begin, split * chunk_len)
     hi = tl.minimum(length, (split + 1) * chunk_len)
+    holds_new = False  # ROTARY: this program's chunk holds the new token's position
+    if ROTARY:
+        holds_new = (position >= lo) & (position < hi)
+        hi = tl.where(holds_new, position, hi)  # the loop stops before it: its term comes from registers
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_l = tl.arange(0, BLOCK_L)
+    k_rows = k_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
+    v_rows = v_ptr + row.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
+    # the first tile, loaded before the wait with ROTARY: positions before the new token's, written by earlier
+    # steps (the positions come from before the graph), so the loads overlap the end of the qkv projection
+    positions = lo + offs_l
+    k_next = tl.load(k_rows + positions[:, None] * stride_kl, mask=(positions < hi)[:, None], other=0.0)
+    v_next = tl.load(v_rows + positions[:, None] * stride_vl, mask=(positions < hi)[:, None], other=0.0)
+    if PDL and ROTARY:
+        gdc_wait()  # the qkv projection's output (and every earlier write) is visible from here
+
     heads = kv_head * GROUP + offs_g
     mask_g = offs_g < GROUP
     q_row = q_ptr + row * stride_qb
     q = tl.load(q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-
-    k_rows = k_ptr + row.to(tl.int64) * stride_kb + kv_head * stride_kh + offs_d[None, :]
-    v_rows = v_ptr + row.to(tl.int64) * stride_vb + kv_head * stride_vh + offs_d[None, :]
-    holds_new = False  # ROTARY: this program's chunk holds the new token's position
     if ROTARY:
         partner = (offs_d + HEAD_DIM // 2) % HEAD_DIM
         first_half = offs_d < HEAD_DIM // 2
@@ -145,25 +155,24 @@ def _decode_attention_kernel(
         v_at = q_row + (n_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
         k_new = _rotate(tl.load(k_at + offs_d), tl.load(k_at + partner), cos, sin, first_half)  # (HEAD_DIM,)
         v_new = tl.load(v_at + offs_d)
-        holds_new = (position >= lo) & (position < hi)
         new_mask = (offs_d < HEAD_DIM) & holds_new
         tl.store(k_rows + position * stride_kl, k_new[None, :].to(k_ptr.dtype.element_ty), mask=new_mask[None, :])
         tl.store(v_rows + position * stride_vl, v_new[None, :].to(v_ptr.dtype.element_ty), mask=new_mask[None, :])
-        hi = tl.where(holds_new, position, hi)  # the loop stops before it: its term comes from registers
     running_max = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_L):
-        positions = start + offs_l
-        valid = positions < hi
-        k = tl.load(k_rows + positions[:, None] * stride_kl, mask=valid[:, None], other=0.0)  # (BLOCK_L, HEAD_DIM)
+        k, v = k_next, v_next  # (BLOCK_L, HEAD_DIM): this tile, loaded one iteration ahead
+        ahead = start + BLOCK_L + offs_l
+        k_next = tl.load(k_rows + ahead[:, None] * stride_kl, mask=(ahead < hi)[:, None], other=0.0)
+        v_next = tl.load(v_rows + ahead[:, None] * stride_vl, mask=(ahead < hi)[:, None], other=0.0)
+        valid = start + offs_l < hi
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # (GROUP_PAD, BLOCK_L)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))  # finite: positions[0] is valid
         rescale = tl.exp2(running_max - new_max)
         p = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_rows + positions[:, None] * stride_vl, mask=valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision=DOT_PRECISION)
         running_max = new_max
     if ROTARY:
