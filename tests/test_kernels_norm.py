@@ -63,21 +63,23 @@ def test_custom_op_on_cpu_is_the_reference():
     expected = add_rms_norm(x, delta, weight, 1e-5)
     assert torch.equal(total, expected[0]) and torch.equal(h, expected[1])
     torch.library.opcheck(torch.ops.mistral_t4.add_rms_norm, (x, delta, weight, 1e-5))
+    torch.library.opcheck(torch.ops.mistral_t4.add_rms_norm, (x, delta, weight, 1e-5, True))
 
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows, hidden", [(1, 4096), (3, 96), (5, 40)])  # 96, 40: not powers of two
-def test_interpreted_kernel_matches_reference(dtype, rows, hidden):
-    """The Triton kernel on fresh random inputs: the residual sum exactly, the normalized output to
-    one rounding (the kernel sums the squares in another order), outputs poisoned before the run."""
+@pytest.mark.parametrize("rows, hidden, x_ready", [(1, 4096, False), (3, 96, True), (5, 40, False), (2, 4096, True)])
+def test_interpreted_kernel_matches_reference(dtype, rows, hidden, x_ready):
+    """The Triton kernel on fresh random inputs (96, 40: not powers of two): the residual sum exactly, the
+    normalized output to one rounding (the kernel sums the squares in another order), outputs poisoned before the
+    run; x read before the wait (`x_ready`) or after it."""
     from mistral_t4.kernels import norm_triton
 
     x, delta, weight = random_case(rows, hidden, dtype, seed=rows + hidden)
     strided = torch.randn(rows, hidden + 8).to(dtype)[:, :hidden]  # a row stride that is not the width
     strided.copy_(delta)
     poisoned = (torch.full_like(x, float("nan")), torch.full((rows, hidden + 3), float("nan"), dtype=dtype)[:, :hidden])
-    total, h = norm_triton.add_rms_norm(x, strided, weight, 1e-5, out=poisoned)
+    total, h = norm_triton.add_rms_norm(x, strided, weight, 1e-5, out=poisoned, x_ready=x_ready)
     expected_total, expected_h = add_rms_norm(x, delta, weight, 1e-5)
     assert not total.isnan().any() and not h.isnan().any()
     assert torch.equal(total, expected_total)
@@ -89,9 +91,11 @@ def test_interpreted_kernel_matches_reference(dtype, rows, hidden):
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles; the interpreter run cannot")
 @pytest.mark.parametrize("capability, pdl", [(75, False), (80, False), (90, True)])
-def test_kernel_compiles_for_gpus(capability, pdl):
+@pytest.mark.parametrize("x_ready", [False, True])
+def test_kernel_compiles_for_gpus(capability, pdl, x_ready):
     """The kernel compiled here for sm75 (T4) / sm80 / sm90, with no GPU: on sm90 (programmatic dependent
-    launch) it waits for the kernel before it and releases the next one first thing, elsewhere neither."""
+    launch) it waits for the kernel before it and releases the next one first thing, elsewhere neither; with
+    `x_ready` it loads x and the weight before it waits, delta only after."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -100,14 +104,18 @@ def test_kernel_compiles_for_gpus(capability, pdl):
 
     signature = {**dict.fromkeys(["x_ptr", "delta_ptr", "weight_ptr", "sum_ptr", "h_ptr"], "*fp16"),
                  **dict.fromkeys(["n_cols", "stride_x", "stride_delta", "stride_sum", "stride_h"], "i32"),
-                 "eps": "fp32", "BLOCK": "constexpr", "PDL": "constexpr"}
-    source = ASTSource(fn=norm_triton._add_rms_norm_kernel, signature=signature, constexprs=dict(BLOCK=4096, PDL=pdl))
+                 "eps": "fp32", "BLOCK": "constexpr", "PDL": "constexpr", "X_READY": "constexpr"}
+    source = ASTSource(fn=norm_triton._add_rms_norm_kernel, signature=signature,
+                       constexprs=dict(BLOCK=4096, PDL=pdl, X_READY=x_ready))
     warps = norm_triton.num_warps(4096)  # the launch of Mistral-7B's rows: one 16-byte vector per thread
     assert warps == 16 and norm_triton.num_warps(1024) == 4 and norm_triton.num_warps(64) == 1
     ptx = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=warps)).asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
-    if pdl:  # both before the first load of the inputs
-        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
+    if pdl:  # both before the first load of the inputs, or of delta with x_ready (x's and the weight's go first)
+        wait, launch = ptx.index("griddepcontrol.wait"), ptx.index("griddepcontrol.launch_dependents")
+        assert wait < launch and "ld.global" not in ptx[wait:launch]
+        before, after = ptx[:wait].count("ld.global"), ptx[wait:].count("ld.global")  # x and weight; delta
+        assert (before, after) == ((2 * after, after) if x_ready else (0, after)) and after > 0, (before, after)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")

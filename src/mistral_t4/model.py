@@ -411,6 +411,7 @@ class FastMistral(nn.Module):
         batch = x.shape[0]
         folded = self.folds_norms(batch)
         norm = add_rms_norm_fused if self.fused_norms else add_rms_norm
+        ready = {"x_ready": True} if self.fused_norms else {}  # x is older than the matmul giving delta
         qkv = layer.qkv.scaled(*h, self.eps, masks) if folded else layer.qkv(h, masks)
         if self.kernel_choice.get("decode_attention") == "reference":  # rotary, the cache write and attention
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, head_dim)
@@ -426,8 +427,8 @@ class FastMistral(nn.Module):
             x, *h = layer.o.residual(attn.reshape(batch, -1), x, layer.post_norm, masks)
             x, *h = layer.down.residual(layer.gate_up.scaled(*h, self.eps, masks, swiglu=True), x, following, masks)
             return x, tuple(h)
-        x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps)
-        return norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps)
+        x, h = norm(x, layer.o(attn.reshape(batch, -1), masks), layer.post_norm, self.eps, **ready)
+        return norm(x, layer.down(layer.gate_up.swiglu(h, masks), masks), following, self.eps, **ready)
 
     def decode_end(self, x: torch.Tensor, h) -> torch.Tensor:
         """Logits in fp32 from the last layer's output (h: already through the final norm; where the step folds

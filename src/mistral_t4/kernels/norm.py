@@ -52,22 +52,25 @@ def rms_scales(sums: torch.Tensor, eps: float) -> torch.Tensor:
     return 1.0 / torch.sqrt(sums.sum(-1, keepdim=True) / (sums.shape[-1] * SQ_GROUP) + eps)
 
 
-def add_rms_norm_fused(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_rms_norm_fused(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                       x_ready: bool = False):
     """`add_rms_norm` of (rows, hidden) fp16/fp32 CUDA tensors in one Triton kernel (a custom op, so that
-    compiled graphs keep it as it is); the same roundings as eager PyTorch."""
-    return torch.ops.mistral_t4.add_rms_norm(x, delta, weight, eps)
+    compiled graphs keep it as it is); the same roundings as eager PyTorch. `x_ready`: x was written before the
+    kernel launched just before this one (the residual stream, delta the output of that kernel): the kernel then
+    reads x before it waits for that one (`norm_triton`)."""
+    return torch.ops.mistral_t4.add_rms_norm(x, delta, weight, eps, x_ready)
 
 
 @torch.library.custom_op("mistral_t4::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+def _add_rms_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, x_ready: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cuda":
         return add_rms_norm(x, delta, weight, eps)
     from . import norm_triton
 
-    return norm_triton.add_rms_norm(x, delta, weight, eps)
+    return norm_triton.add_rms_norm(x, delta, weight, eps, x_ready=x_ready)
 
 
 @_add_rms_norm_op.register_fake
-def _(x, delta, weight, eps):
+def _(x, delta, weight, eps, x_ready=False):
     return torch.empty_like(x), torch.empty_like(x)

@@ -4,7 +4,9 @@ One program per row: s = x + delta rounded to x's dtype (stored: the new residua
 s^2 in fp32, n = s * rsqrt(mean + eps) rounded, h = weight * n rounded, as eager PyTorch (and
 Hugging Face) round. On sm90, launched with programmatic dependent launch: it waits for the kernel
 before it (`gdc_wait`) and at once lets the next one start its CTAs (`gdc_launch_dependents`):
-the NF4 matmul after it loads its first weights and builds its table meanwhile.
+the NF4 matmul after it loads its first weights and builds its table meanwhile. With X_READY (the caller's word
+that x was written before the kernel launched just before this one: in a decoder layer that kernel gives delta,
+x is older) it loads x and the weight before it waits, under the end of that kernel.
 """
 
 import torch
@@ -29,21 +31,26 @@ def _add_rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    X_READY: tl.constexpr,  # x (and the weight) written before the kernel launched just before this one
 ):
-    if PDL:
-        gdc_wait()  # the kernel before this one (the matmul giving delta) has finished
-        gdc_launch_dependents()  # the next matmul may start its CTAs: they wait for this grid
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if X_READY:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    if PDL:
+        gdc_wait()  # the kernel before this one (the matmul giving delta) has finished
+        gdc_launch_dependents()  # the next matmul may start its CTAs: they wait for this grid
+    if not X_READY:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0)
     total = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
     tl.store(sum_ptr + row * stride_sum + cols, total, mask=mask)
     s = total.to(tl.float32)
     mean = tl.sum(s * s, axis=0) / n_cols
     normed = (s * tl.math.div_rn(1.0, tl.sqrt_rn(mean + eps))).to(x.dtype)  # rounded as rsqrt, not an estimate
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     h = (weight.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
     tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
 
@@ -56,8 +63,9 @@ def num_warps(block: int) -> int:
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(x + delta, rms_norm(x + delta) * weight) for x, delta (rows, hidden); into `out` if given."""
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None, x_ready: bool = False):
+    """(x + delta, rms_norm(x + delta) * weight) for x, delta (rows, hidden); into `out` if given. `x_ready`: x and
+    the weight were written before the kernel launched just before this one (X_READY)."""
     assert x.ndim == 2 and delta.shape == x.shape and weight.shape == (x.shape[1],)
     assert x.stride(1) == 1 and delta.stride(1) == 1 and weight.is_contiguous()
     total, h = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
@@ -67,6 +75,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     block = triton.next_power_of_2(x.shape[1])
     _add_rms_norm_kernel[(x.shape[0],)](
         x, delta, weight, total, h, x.shape[1], x.stride(0), delta.stride(0), total.stride(0), h.stride(0), eps,
-        BLOCK=block, num_warps=num_warps(block), **pdl_options(x.device),
+        BLOCK=block, X_READY=x_ready, num_warps=num_warps(block), **pdl_options(x.device),
     )
     return total, h
