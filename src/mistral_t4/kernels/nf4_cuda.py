@@ -341,6 +341,27 @@ __device__ __forceinline__ float residual_store(const Nf4Norm& norm, int m, int 
     return s * s;
 }
 __device__ __forceinline__ u16 ld_half(const u16* p) { return __ldcg((const unsigned short*)p); }
+// NORM_RESIDUAL's inputs of a warp's NO output groups from G0 (those < end): the residual at the lane's elements
+// of the accumulator (rows m < M) and the norm weight at its columns. The body loads them before it waits for the
+// kernel before it (`residual` and `norm_w` must be older than that kernel: in a decoder layer, the residual stream).
+template <int NO, int NT> struct ResidualIn { u16 resid[NO][NT][4], weight[NO][2]; };
+template <int NO, int NT>
+__device__ __forceinline__ void residual_loads(ResidualIn<NO, NT>& in, const Nf4Norm& norm, int M, int N, int G0, int end) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    #pragma unroll
+    for (int q = 0; q < NO; q++) {
+        const bool live = G0 + q < end;
+        #pragma unroll
+        for (int h = 0; h < 2; h++) in.weight[q][h] = live ? ld_half(norm.norm_w + (G0 + q) * 16 + g + 8 * h) : 0;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
+                in.resid[q][nt][i] = live && m < M ? ld_half(norm.resid + (size_t)m * N + n) : 0;
+            }
+    }
+}
 // NORM_SCALED's r of row m, which the block keeps in the unused halves of the table's rows 1 and 2
 __device__ __forceinline__ u32 row_scale_at(u32 table, int m) { return table + 256 * (1 + (m >> 5)) + 128 + 4 * (m & 31); }
 __device__ __forceinline__ float row_scale(u32 table, int m) {
@@ -355,33 +376,26 @@ __device__ __forceinline__ float row_scale(u32 table, int m) {
 // the warp's groups q < NG/2 are gate's, q + NG/2 the up rows of the same outputs, and G0 / first / end count
 // output groups (partials keep both halves: gate at n, up at n + N/2). `flag`: a shared-memory word.
 // Every thread of the block calls it.
-// NORM (`norm`: see Nf4Norm): NORM_SCALED's row scales are in shared memory (`row_scale`).
+// NORM (`norm`: see Nf4Norm): NORM_SCALED's row scales are in shared memory (`row_scale`); NORM_RESIDUAL's inputs
+// in `ahead` where the caller loaded them (`residual_loads`), else loaded here.
 template <int NT, int NG, int WARPS, bool SWIGLU, int NORM = NORM_NONE>
 __device__ __forceinline__ void nf4_matmul_store(
         const float (&acc)[NG][NT][4], u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
         int M, int N, int stride_om, int split_k, int first, int end, int G0, u32 flag,
-        const Nf4Norm& norm = Nf4Norm{}, u32 table = 0, NormTag<NORM> = NormTag<NORM>{}) {
+        const Nf4Norm& norm = Nf4Norm{}, u32 table = 0, NormTag<NORM> = NormTag<NORM>{},
+        const ResidualIn<SWIGLU ? NG / 2 : NG, NT>* ahead = nullptr) {
     constexpr int NO = SWIGLU ? NG / 2 : NG;  // output groups per warp
     const int half = N >> 1;
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
     constexpr bool residual = !SWIGLU && NORM == NORM_RESIDUAL;
     if (split_k == 1) {
-        u16 resid[NO][NT][4], weight[NO][2];  // NORM_RESIDUAL: every load of the lane before its first store
+        ResidualIn<NO, NT> in;  // NORM_RESIDUAL: every load of the lane before its first store
         if constexpr (residual) {
-            #pragma unroll
-            for (int q = 0; q < NO; q++) {
-                const bool live = G0 + q < end;
-                #pragma unroll
-                for (int h = 0; h < 2; h++) weight[q][h] = live ? ld_half(norm.norm_w + (G0 + q) * 16 + g + 8 * h) : 0;
-                #pragma unroll
-                for (int nt = 0; nt < NT; nt++)
-                    #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
-                        resid[q][nt][i] = live && m < M ? ld_half(norm.resid + (size_t)m * N + n) : 0;
-                    }
-            }
+            if (ahead) in = *ahead;
+            else residual_loads(in, norm, M, N, G0, end);
         }
+        const auto& resid = in.resid;
+        const auto& weight = in.weight;
         #pragma unroll
         for (int q = 0; q < NO; q++) {
             if (G0 + q >= end) break;
@@ -533,6 +547,11 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
         }
     }
+    constexpr bool residual_ahead = !SWIGLU && NORM == NORM_RESIDUAL;  // its epilogue's inputs, before the wait
+    ResidualIn<NO, NT> ahead;
+    if constexpr (residual_ahead) {
+        if (split_k == 1 && tile.slice == 0) residual_loads(ahead, norm, M, N, G0, end);
+    }
     for (int i = tid; i < 2048; i += WARPS * 32) {  // row b = i >> 3: 8 x 16 bytes = its 32 copies
         const int b = i >> 3;
         const u32 v = (u32)code[b & 15] | ((u32)code[b >> 4] << 16);
@@ -664,7 +683,8 @@ __device__ __forceinline__ void nf4_matmul_body(
             }
     }
     nf4_matmul_store<NT, NG, WARPS, SWIGLU>(acc, out, partial, counters, M, N, stride_om, split_k, first, end,
-                                            tile.slice == 0 ? G0 : end, flag, norm, table, NormTag<NORM>{});
+                                            tile.slice == 0 ? G0 : end, flag, norm, table, NormTag<NORM>{},
+                                            residual_ahead ? &ahead : nullptr);
 }
 
 #define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A) \
@@ -1113,7 +1133,9 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
         that times norm_weight, its sums of squares per 16 columns (M, N / 16) fp32), each rounded as eager;
       * `sq` (M, K / 16) such sums of x's rows (x: such a product with the weight) and `eps`: each output row
         times 1 / sqrt(mean square + eps) (its RMSNorm, after the matmul) before it is rounded.
-    Both in `_residual` / `_scaled` instances of the kernels, up to NORM_ROWS rows."""
+    Both in `_residual` / `_scaled` instances of the kernels, up to NORM_ROWS rows. With `residual` the kernel loads
+    `residual` and `norm_weight` before it waits for the kernel before it (`early`): they must be older than that
+    kernel (in a decoder layer they are: the residual stream, while that kernel gives x)."""
     m, k = x.shape
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
