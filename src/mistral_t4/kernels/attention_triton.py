@@ -36,10 +36,16 @@ per step, gaps 156 -> 87 us); batch 1 2.665 / 2.665 -> 2.512 / 2.526 ms per toke
 6,307 / 6,345 -> 6,426 output tokens/s (before / after, one call each).
 
 On sm90 both kernels are launched with programmatic dependent launch (`kernels.early_launch`,
-Triton's `launch_pdl`): they wait (`gdc_wait`) for the kernel before them at their start, and let
+Triton's `launch_pdl`): they wait (`gdc_wait`) for the kernel before them, and let
 the one after them (the merge, the o projection's CUDA kernel, launched early too) start its CTAs
 after the attention loop, so that it loads its weights while this finishes. With the o projection
 early: batch 1 2.392 -> 2.352 ms per token (H200, bench/results/h200_2026-11-27_s9_swiglu_early/).
+With ROTARY the attention kernel waits only after it has loaded its first tile of K and V: those
+are cache entries of earlier steps at positions before the new token's (the positions come from
+before the graph), and the kernel before it (the qkv projection) writes neither, so the loads
+overlap that kernel's end; the loop then loads each tile one iteration ahead. Replayed decode step
+on an H100: 32 rows 3.744 -> 3.641 ms, 1 row 2.253 -> 2.237, the logits equal bit for bit; tiles of
+128 positions or 8 warps were slower (bench/results/h100_2026-11-27_s14_attention_early_tile/).
 """
 
 import math

@@ -67,7 +67,9 @@ the result is already a tensor-core register:
     kernels fewer per layer: a 1-row step 2.108 -> 2.030 ms, 16 rows 2.605 -> 2.570 (H200,
     bench/results/h200_2026-11-27_s13_norms_in_matmuls/; at 32 rows it lost, `kernels.norms_in_matmuls`).
     The template's NORM makes them instances of their own: passed at run time, the unused norm code made the
-    plain 32-row kernels 12.6% slower.
+    plain 32-row kernels 12.6% slower. The `_residual` kernels load the residual and the norm weight before they
+    wait for the kernel before them (`residual_loads`: both are older than it), not in the epilogue: a 1-row step
+    2.238 / 2.232 -> 2.214 / 2.214 ms (H100, bench/results/h100_2026-11-27_s14_attention_early_tile/residual_ahead/).
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU, scale_a, NORM); the
 package's instances are `KERNELS` (and `norm_kernels`); bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per

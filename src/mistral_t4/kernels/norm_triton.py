@@ -6,7 +6,8 @@ Hugging Face) round. On sm90, launched with programmatic dependent launch: it wa
 before it (`gdc_wait`) and at once lets the next one start its CTAs (`gdc_launch_dependents`):
 the NF4 matmul after it loads its first weights and builds its table meanwhile. With X_READY (the caller's word
 that x was written before the kernel launched just before this one: in a decoder layer that kernel gives delta,
-x is older) it loads x and the weight before it waits, under the end of that kernel.
+x is older) it loads x and the weight before it waits, under the end of that kernel: a 32-row decode step on an
+H100 3.614 / 3.606 -> 3.594 / 3.596 ms (bench/results/h100_2026-11-27_s14_attention_early_tile/norm_x_ready/).
 """
 
 import torch
