@@ -379,7 +379,7 @@ __device__ __forceinline__ float row_scale(u32 table, int m) {
 // output groups (partials keep both halves: gate at n, up at n + N/2). `flag`: a shared-memory word.
 // Every thread of the block calls it.
 // NORM (`norm`: see Nf4Norm): NORM_SCALED's row scales are in shared memory (`row_scale`); NORM_RESIDUAL's inputs
-// in `ahead` where the caller loaded them (`residual_loads`), else loaded here.
+// in `ahead`, loaded by the body before its wait (`residual_loads`; split_k > 1 loads its own in the last CTA).
 template <int NT, int NG, int WARPS, bool SWIGLU, int NORM = NORM_NONE>
 __device__ __forceinline__ void nf4_matmul_store(
         const float (&acc)[NG][NT][4], u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
@@ -391,13 +391,6 @@ __device__ __forceinline__ void nf4_matmul_store(
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
     constexpr bool residual = !SWIGLU && NORM == NORM_RESIDUAL;
     if (split_k == 1) {
-        ResidualIn<NO, NT> in;  // NORM_RESIDUAL: every load of the lane before its first store
-        if constexpr (residual) {
-            if (ahead) in = *ahead;
-            else residual_loads(in, norm, M, N, G0, end);
-        }
-        const auto& resid = in.resid;
-        const auto& weight = in.weight;
         #pragma unroll
         for (int q = 0; q < NO; q++) {
             if (G0 + q >= end) break;
@@ -409,7 +402,8 @@ __device__ __forceinline__ void nf4_matmul_store(
                     const int m = nt * 8 + 2 * c + (i & 1), n = (G0 + q) * 16 + g + 8 * (i >> 1);
                     if constexpr (residual) {
                         if (m < M)
-                            squares[i & 1] += residual_store(norm, m, n, N, acc[q][nt][i], resid[q][nt][i], weight[q][i >> 1]);
+                            squares[i & 1] += residual_store(norm, m, n, N, acc[q][nt][i], ahead->resid[q][nt][i],
+                                                           ahead->weight[q][i >> 1]);
                     } else if constexpr (NORM == NORM_SCALED) {
                         if (m < M) {
                             const float r = row_scale(table, m);
