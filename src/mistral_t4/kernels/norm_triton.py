@@ -37,15 +37,14 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    if X_READY:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    if PDL:
-        gdc_wait()  # the kernel before this one (the matmul giving delta) has finished
+    if PDL and not X_READY:
+        gdc_wait()  # the kernel before this one has finished
         gdc_launch_dependents()  # the next matmul may start its CTAs: they wait for this grid
-    if not X_READY:
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    if PDL and X_READY:
+        gdc_wait()  # the kernel before this one (the matmul giving delta) has finished
+        gdc_launch_dependents()
     delta = tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0)
     total = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
     tl.store(sum_ptr + row * stride_sum + cols, total, mask=mask)
