@@ -6,6 +6,7 @@ a kernel, i.e. when TRITON_INTERPRET=1 is set before `nf4_triton` is imported.
 subprocess with it set; in the normal run they are skipped.
 """
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -50,6 +51,14 @@ def test_dequantize_equals_bitsandbytes(shape, weight_dtype, double_quant, backe
     expected = bnb_functional.dequantize_4bit(param.data, param.quant_state)  # in weight_dtype
     assert (w.out_features, w.in_features) == shape
     assert w.backend == ("triton" if backend == "cuda" and shape[0] % 16 else backend)  # "cuda" needs 16-row groups
+    if w.backend == "cuda":  # its scales rounded to fp16 at load (<= 2^-11): bitsandbytes' W from those scales
+        reference = NF4Weight.from_bnb(param, backend="reference")
+        # the test sees the rounding (an fp16 weight's block maximum is an fp16 value: exact then)
+        assert torch.equal(reference.absmax.half().float(), reference.absmax) == (weight_dtype == torch.float16
+                                                                                  and not double_quant)
+        rounded = dataclasses.replace(reference, absmax=reference.absmax.half().float())
+        torch.testing.assert_close(w.dequantize(torch.float32), expected.float(), rtol=2**-10, atol=0)  # (expected: fp16)
+        expected = rounded.dequantize(weight_dtype)
     assert torch.equal(w.dequantize(weight_dtype), expected)
     assert torch.equal(w.dequantize(torch.float32).to(weight_dtype), expected)
     assert torch.equal(w.dequantize_plain(weight_dtype), expected)  # the plain PyTorch definition
@@ -67,14 +76,15 @@ def test_layouts_per_backend():
     cuda_w = NF4Weight.from_bnb(param, backend="cuda")  # same shapes, bytes and scales in fragment order
     assert cuda_w.packed.shape == (96, 160) and cuda_w.absmax.shape == (96, 5) and cuda_w.packed.is_contiguous()
     assert not torch.equal(cuda_w.packed, shared.packed) and torch.equal(cuda_w.bnb_packed(), shared.packed)
-    assert torch.equal(cuda_w.row_absmax(), shared.absmax)
-    assert shared.nbytes == triton_w.nbytes == cuda_w.nbytes == 96 * 160 + 96 * 5 * 4
+    assert cuda_w.absmax.dtype == torch.float16 and torch.equal(cuda_w.row_absmax(), shared.absmax.half().float())
+    assert shared.nbytes == triton_w.nbytes == 96 * 160 + 96 * 5 * 4
+    assert cuda_w.nbytes == 96 * 160 + 96 * 5 * 2  # fp16 scales
 
 
 def test_fragment_layout():
     """Group G, block b, lane 4g + c, word t, byte 2h + rh: row 16G + g + 8rh, k = 64b + 16c + 4t + 2h
     in the low nibble and k + 1 in the high one (the A registers of mma.sync m16n8k16); scales:
-    per (G, b) the pairs (row g, row g + 8)."""
+    per (G, b) the pairs (row g, row g + 8), rounded to fp16."""
     from mistral_t4.kernels.nf4_cuda import from_fragments, to_fragments
 
     n, k = 32, 192
@@ -88,7 +98,7 @@ def test_fragment_layout():
     for G, b, g, c, t, j in [(0, 0, 0, 0, 0, 0), (1, 2, 7, 3, 3, 3), (0, 1, 5, 2, 1, 2), (1, 0, 3, 1, 2, 1)]:
         row, col = 16 * G + g + 8 * (j % 2), 64 * b + 16 * c + 4 * t + 2 * (j // 2)
         assert int(f[G, b, g, c, t, j]) == int(q[row, col]) | int(q[row, col + 1]) << 4
-        assert pairs[G, b, g, j % 2] == absmax[row, b]
+        assert pairs[G, b, g, j % 2] == absmax[row, b].half()
     for G in range(2):  # every byte, vectorized: rebuild q from the formula
         for rh in range(2):
             for h in range(2):
@@ -98,7 +108,8 @@ def test_fragment_layout():
                 rows = 16 * G + 8 * rh + torch.arange(8)
                 assert torch.equal(byte & 0xF, q[rows[None, :, None, None], cols[:, None]])
                 assert torch.equal(byte >> 4, q[rows[None, :, None, None], cols[:, None] + 1])
-    assert all(torch.equal(a, e) for a, e in zip(from_fragments(fragments, scales), (packed, absmax)))
+    assert scales.dtype == torch.float16
+    assert all(torch.equal(a, e) for a, e in zip(from_fragments(fragments, scales), (packed, absmax.half().float())))
 
 
 @pytest.mark.parametrize("in_features, blocksize", [(256, 64), (320, 64), (384, 128), (64, 64)])
@@ -203,7 +214,9 @@ def test_concat_stacks_output_rows(backend, rows):
     assert (fused.out_features, fused.in_features) == (sum(rows), 192)
     if backend == "cuda":  # 40 rows make no 16-row groups: that part, then the whole, falls back to Triton
         assert fused.backend == ("triton" if 40 in rows else "cuda")
-    assert fused.nbytes == sum(p.nbytes for p in parts)
+    # (a fallback from "cuda" takes Triton's fp32 scales: the fp16 ones, widened)
+    assert fused.nbytes == sum(p.nbytes for p in parts) + sum(p.absmax.numel() * 2 for p in parts
+                                                             if p.absmax.dtype != fused.absmax.dtype)
     if fused.backend == "triton":
         assert fused.packed.shape == (sum(rows), 128) and fused.tile_counters.numel() * 16 >= sum(rows)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
@@ -249,9 +262,14 @@ def test_mistral_shapes_at_one_row(name, parts, in_features):
     dense = torch.cat([bnb_functional.dequantize_4bit(p.data, p.quant_state) for p in params])
     for backend in ("reference", "triton", "cuda"):
         w = NF4Weight.concat([NF4Weight.from_bnb(p, backend=backend) for p in params])
-        assert w.backend == backend and torch.equal(w.dequantize(torch.float16), dense), name
-    x = torch.randn(1, in_features, dtype=torch.float16)
-    assert torch.equal(nf4_linear_reference(x, w), F.linear(x, dense))
+        assert w.backend == backend, name
+        if backend == "cuda":  # fp16 scales: within 2^-11 of the scales, 2^-11 of the fp16 W
+            torch.testing.assert_close(w.dequantize(torch.float16).float(), dense.float(), rtol=2**-10, atol=0)
+        else:
+            assert torch.equal(w.dequantize(torch.float16), dense), name
+        if backend == "reference":
+            x = torch.randn(1, in_features, dtype=torch.float16)
+            assert torch.equal(nf4_linear_reference(x, w), F.linear(x, dense))
 
 
 def test_select_kernels(monkeypatch):

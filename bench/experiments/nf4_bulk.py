@@ -24,6 +24,7 @@ number of requests an SM has outstanding. (Its first run also reported "WRONG" f
 17 groups with one group per warp: a harness error, 16 warps x 1 group cannot cover 17; the
 harness now only asks tiles its warps can hold.)
 """
+import dataclasses
 import os
 import sys
 import time
@@ -217,6 +218,7 @@ def main():
     failures = 0
     for n, k in [(96, 320), (48, 192), (1008, 4096), (4096, 14336)]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
+        w32 = dataclasses.replace(w, absmax=w.absmax.float())  # this kernel reads fp32 pairs (the package's before s15)
         ref_w = w.dequantize(torch.float32)
         for m in (1, 3, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -225,13 +227,14 @@ def main():
                 for v in VARIANTS:
                     for tile in (v[0] * v[3], 17) if v[0] * v[3] >= 17 else (v[0] * v[3], 15):
                         out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                        bulk.matmul(x, w, v, split_k, tile, out=out)
+                        bulk.matmul(x, w32, v, split_k, tile, out=out)
                         failures += check_matmul(out, ref, w.tile_counters, f"n={n} k={k} m={m} split={split_k} {v} x{tile}")
         print(f"checked N={n} K={k}", flush=True)
     sms = multiprocessor_count(dev)
     results, per_layer = [], {}
     for shape, k, n in [s for s in MISTRAL_SHAPES if s[0] in DECODE_SHAPES]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
+        w32 = dataclasses.replace(w, absmax=w.absmax.float())  # this kernel reads fp32 pairs (the package's before s15)
         tile, split, _ = nf4_cuda.matmul_geometry(n, k, sms, ranges=False)  # its kernels: one K range per CTA
         for m in (1, 8):
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -242,7 +245,7 @@ def main():
                 for sk in sorted({max(1, split // 2), split, min(16, split * 2)}):
                     t = min(tile, v[0] * v[3])
                     rows.append(dict(variant=v, split_k=sk, tile_groups=t,
-                                     ms=time_ms(lambda: bulk.matmul(x, w, v, sk, t))))
+                                     ms=time_ms(lambda: bulk.matmul(x, w32, v, sk, t))))
             rows.sort(key=lambda r: r["ms"])
             row["bulk"] = rows
             results.append(row)

@@ -38,17 +38,17 @@ def rotated_source():
               "    const int g = lane >> 2, c = lane & 3;\n"
               "    const int nblk = max(kb1 - kb0, 1), rot = (int)(((u32)G0 * 2654435761u >> 7) % (u32)nblk);\n"
               "    auto P = [&](int b) { int j = b - kb0 + rot; return kb0 + (j >= nblk ? j - nblk : j); };\n"),
-             ("ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8)",
-              "ld_stream(wp[q] + (size_t)P(b) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b) * 8)"),
+             ("ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_scales(sp[q] + (size_t)b * 8)",
+              "ld_stream(wp[q] + (size_t)P(b) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)P(b) * 8)"),
              ("ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1])", "ld_x_block(xp[nt], P(b), xv[nt][0], xv[nt][1])"),
-             ("ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8)",
-              "ld_stream(wp[q] + (size_t)P(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)P(b + D) * 8)")]
+             ("ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)(b + D) * 8)",
+              "ld_stream(wp[q] + (size_t)P(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)P(b + D) * 8)")]
     for old, new in swaps:
         assert old in body, old
         body = body.replace(old, new)
     return body + f"""
 extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_rotated(const u16* x, const uint4* wq,
-        const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
+        const u32* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
         int stride_om, int split_k, int tile_groups) {{
     nf4_rotated_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}, false>(x, wq, scales, code, out, partial, counters,
         M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
@@ -64,15 +64,15 @@ def source():
              ("wp[q] = wq + (size_t)G * nb * 32 + lane;", "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),
              ("sp[q] = scales + (size_t)G * nb * 8 + g;", "sp[q] = scales + ((size_t)(G / NG) * nb * NG + G % NG) * 8 + g;"),
              ("ld_stream(wp[q] + (size_t)b * 32)", "ld_stream(wp[q] + (size_t)b * (NG * 32))"),
-             ("ld_pair(sp[q] + (size_t)b * 8)", "ld_pair(sp[q] + (size_t)b * (NG * 8))"),
+             ("ld_scales(sp[q] + (size_t)b * 8)", "ld_scales(sp[q] + (size_t)b * (NG * 8))"),
              ("ld_stream(wp[q] + (size_t)(b + D) * 32)", "ld_stream(wp[q] + (size_t)(b + D) * (NG * 32))"),
-             ("ld_pair(sp[q] + (size_t)(b + D) * 8)", "ld_pair(sp[q] + (size_t)(b + D) * (NG * 8))")]
+             ("ld_scales(sp[q] + (size_t)(b + D) * 8)", "ld_scales(sp[q] + (size_t)(b + D) * (NG * 8))")]
     for old, new in swaps:
         assert old in body, old
         body = body.replace(old, new)
     return nf4_cuda.SOURCE + rotated_source() + body + f"""
 extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_interleaved(const u16* x, const uint4* wq,
-        const uint2* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
+        const u32* scales, const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm,
         int stride_om, int split_k, int tile_groups) {{
     nf4_interleaved_body<1, {nf4_cuda.GROUPS_PER_WARP}, 4, {nf4_cuda.WARPS}, false>(x, wq, scales, code, out, partial, counters,
         M, N, K, stride_xm, stride_om, split_k, tile_groups); }}
@@ -80,7 +80,7 @@ extern "C" __global__ void __launch_bounds__({nf4_cuda.WARPS} * 32, 1) nf4_inter
 
 
 def interleave(packed, scales, ng):
-    """Fragment layout (G, b) -> (G / ng, b, G % ng), for weights (512 bytes per block) and scales (64)."""
+    """Fragment layout (G, b) -> (G / ng, b, G % ng), for weights (512 bytes per block) and scales (16 per block)."""
     n, nb = scales.shape
     w = packed.view(n // 16 // ng, ng, nb, 512).permute(0, 2, 1, 3).contiguous().view_as(packed)
     s = scales.view(n // 16 // ng, ng, nb, 16).permute(0, 2, 1, 3).contiguous().view_as(scales)

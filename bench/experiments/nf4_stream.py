@@ -26,6 +26,13 @@ Results (H200, CUDA-graph replay with L2 flushed; per layer = qkv + o + gate_up 
 So at 1 row three quarters of the kernel's time is the bare stream; what would close more is
 overlapping the kernels' starts and ends (programmatic dependent launch, or one persistent
 kernel per layer), not the arithmetic.
+  * nf4_stream_block_major_h100_2026-11-27.json (H100, fp32 scales; BMAJOR: the chunks of one K block
+    of every group side by side, so that the warps' concurrent loads are near each other): loads only
+    59.4 -> 57.6 us per layer, loads + table 63.3 -> 65.0; within the noise, so DRAM page locality is not
+    the limit either. The same run's package 73.2, torch.sum 70.4, and fp16 cuBLAS on the dense weight
+    3.0-3.2 TB/s at 4x the bytes (longer kernels amortize their start and end).
+Fewer bytes did pay: scales in fp16 instead of fp32 (1/8 -> 1/16 of the stream) made a decode step at
+1 row 4.8% faster (the package since s15; this script's loads follow the package's: fp16 pairs).
 """
 import os
 import sys
@@ -36,9 +43,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 STREAM = r"""
 // The loads of nf4_matmul_body<1, NG, D, WARPS> (same tile, ring, scale pairs, x), their words folded.
-template <int NG, int D, int WARPS, int MODE>
+// BMAJOR: the chunk of (G, b) at b * N / 16 + G instead of G * nb + b (the groups of one K block side by side)
+template <int NG, int D, int WARPS, int MODE, bool BMAJOR = false>
 __device__ __forceinline__ void nf4_stream_body(
-        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
+        const u16* __restrict__ x, const uint4* __restrict__ wq, const u32* __restrict__ scales,
         const u16* __restrict__ code, u32* __restrict__ sink, int M, int N, int K, int stride_xm, int split_k,
         int tile_groups, int slices) {
     extern __shared__ __align__(16) unsigned char window[];
@@ -61,22 +69,23 @@ __device__ __forceinline__ void nf4_stream_body(
     u32 acc = 0;
     if (G0 < end) {
         const uint4* wp[NG];
-        const uint2* sp[NG];
+        const u32* sp[NG];
         #pragma unroll
         for (int q = 0; q < NG; q++) {
             const int G = min(G0 + q, end - 1);
-            wp[q] = wq + (size_t)G * nb * 32 + lane;
-            sp[q] = scales + (size_t)G * nb * 8 + g;
+            wp[q] = wq + (size_t)G * (BMAJOR ? 1 : nb) * 32 + lane;
+            sp[q] = scales + (size_t)G * (BMAJOR ? 1 : nb) * 8 + g;
         }
+        const size_t step = BMAJOR ? (size_t)(N >> 4) : 1;  // chunks from one K block to the next
         const uint4* xp = x_lane(x, min(g, M - 1), stride_xm, c);
         uint4 wr[D][NG];
-        uint2 sr[D][NG];
+        u32 sr[D][NG];
         #pragma unroll
         for (int d = 0; d < D; d++) {
             const int b = kb0 + d;
             if (b < kb1) {
                 #pragma unroll
-                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + b * step * 32); sr[d][q] = ld_scales(sp[q] + b * step * 8); }
             }
         }
         for (int b0 = kb0; b0 < kb1; b0 += D) {
@@ -96,11 +105,11 @@ __device__ __forceinline__ void nf4_stream_body(
                             else acc = acc * 3u + (lds(prmt(w, lane_base, 0x7604)) ^ lds(prmt(w, lane_base, 0x7614))
                                                    ^ lds(prmt(w, lane_base, 0x7624)) ^ lds(prmt(w, lane_base, 0x7634)));
                         }
-                        acc += sr[d][q].x ^ sr[d][q].y;
+                        acc += sr[d][q];
                     }
                     if (b + D < kb1) {
                         #pragma unroll
-                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
+                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (b + D) * step * 32); sr[d][q] = ld_scales(sp[q] + (b + D) * step * 8); }
                     }
                 }
             }
@@ -108,14 +117,16 @@ __device__ __forceinline__ void nf4_stream_body(
     }
     if (acc == 0x9E3779B9u) sink[blockIdx.y * gridDim.x * WARPS * 32 + blockIdx.x * WARPS * 32 + tid] = acc;  // keeps the loads
 }
-#define NF4_STREAM(NAME, NG, D, WARPS, MODE, CTAS) \
-extern "C" __global__ void __launch_bounds__(WARPS * 32, CTAS) NAME(const u16* x, const uint4* wq, const uint2* scales, \
+#define NF4_STREAM(NAME, NG, D, WARPS, MODE, CTAS, ...) \
+extern "C" __global__ void __launch_bounds__(WARPS * 32, CTAS) NAME(const u16* x, const uint4* wq, const u32* scales, \
         const u16* code, u32* sink, int M, int N, int K, int stride_xm, int split_k, int tile_groups, int slices) { \
-    nf4_stream_body<NG, D, WARPS, MODE>(x, wq, scales, code, sink, M, N, K, stride_xm, split_k, tile_groups, slices); }
+    nf4_stream_body<NG, D, WARPS, MODE, ##__VA_ARGS__>(x, wq, scales, code, sink, M, N, K, stride_xm, split_k, tile_groups, slices); }
 NF4_STREAM(stream_loads, 2, 4, 16, 0, 1)
 NF4_STREAM(stream_loads_d8, 2, 8, 16, 0, 1)
 NF4_STREAM(stream_loads_2cta, 2, 4, 16, 0, 2)
 NF4_STREAM(stream_table, 2, 4, 16, 1, 1)
+NF4_STREAM(stream_loads_bmajor, 2, 4, 16, 0, 1, true)
+NF4_STREAM(stream_table_bmajor, 2, 4, 16, 1, 1, true)
 """
 
 # (label, kernel, with the package's 127 KB of shared memory: one CTA per SM); tiles and splits: matmul_geometry
@@ -124,6 +135,8 @@ VARIANTS = [
     ("loads, ring 8, 1 CTA/SM", "stream_loads_d8", True),
     ("loads, 2 CTAs/SM", "stream_loads_2cta", False),
     ("loads + table, 1 CTA/SM", "stream_table", True),
+    ("loads, block-major layout, 1 CTA/SM", "stream_loads_bmajor", True),
+    ("loads + table, block-major layout, 1 CTA/SM", "stream_table_bmajor", True),
 ]
 
 
@@ -144,7 +157,7 @@ def main():
         p = random_param(k, n, dev)
         w = NF4Weight.from_bnb(p, backend="cuda")
         dense = w.dequantize(torch.float16)
-        nbytes = w.packed.numel() + w.absmax.numel() * 4
+        nbytes = w.packed.numel() + w.absmax.nbytes
         x = torch.randn(1, k, device=dev, dtype=torch.float16)
         tile_groups, split, slices = nf4_cuda.matmul_geometry(n, k, sms)
         flat = torch.cat([w.packed.view(-1), w.absmax.view(torch.uint8).view(-1)]).view(torch.float32)

@@ -86,7 +86,7 @@ __device__ __forceinline__ unsigned long long smid() {{ unsigned s; asm volatile
                 name = f"timed_{kernel.name}{'_swiglu' if swiglu else ''}_{slot}"
                 instances += (
                     f'extern "C" __global__ void __launch_bounds__({kernel.warps} * 32, 1) {name}(const u16* x, '
-                    "const uint4* wq, const uint2* scales, const u16* code, u16* out, float* partial, int* counters, "
+                    "const uint4* wq, const u32* scales, const u16* code, u16* out, float* partial, int* counters, "
                     "int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices) {\n"
                     f"    nf4_timed_body<{kernel.tiles}, {kernel.groups}, {kernel.ring}, {kernel.warps}, "
                     f"{str(swiglu).lower()}, {str(kernel.scale_a).lower()}, {slot}>(x, wq, scales, code, out, partial, "

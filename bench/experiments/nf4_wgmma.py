@@ -453,6 +453,7 @@ def main():
     for n, k in [(96, 320), (48, 192), (1024, 4096), (4096, 14336)]:
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         frag = natural_fragments(w)
+        scales = w.absmax.float()  # this kernel reads fp32 pairs (the package's layout had them before s15)
         wf = w.dequantize(torch.float32)
         code16 = w.code_fp16.view(torch.int16)
         for m in (9, 16, 17, 32, 33, 64):
@@ -463,7 +464,7 @@ def main():
                     continue
                 for sk in (1, 3, 8):
                     out = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-                    matmul(mod, x, frag, w.absmax, code16, w.tile_counters, n, sk, cb, st, wg, ac, out=out)
+                    matmul(mod, x, frag, scales, code16, w.tile_counters, n, sk, cb, st, wg, ac, out=out)
                     torch.cuda.synchronize()
                     e = rel_error(out, ref)
                     z = int(w.tile_counters.abs().sum())
@@ -478,6 +479,7 @@ def main():
         w = NF4Weight.from_bnb(random_param(k, n, dev), backend="cuda")
         wt = NF4Weight.from_bnb(random_param(k, n, dev), backend="triton")
         frag = natural_fragments(w)
+        scales = w.absmax.float()  # this kernel reads fp32 pairs (the package's layout had them before s15)
         code16 = w.code_fp16.view(torch.int16)
         wf = w.dequantize(torch.float32)
         for m in (16, 32, 64):
@@ -490,7 +492,7 @@ def main():
                     continue
                 for sk in (1, 2, 4, 8):
                     def fn():
-                        return matmul(mod, x, frag, w.absmax, code16, w.tile_counters, n, sk, cb, st, wg, ac)
+                        return matmul(mod, x, frag, scales, code16, w.tile_counters, n, sk, cb, st, wg, ac)
 
                     e = rel_error(fn(), ref)
                     rows.append(dict(ms=t(fn), split_k=sk, cb=cb, st=st, wg=wg, ac=ac, err=e))

@@ -146,8 +146,9 @@ def nf4_race(device, rows: int, shapes: tuple[tuple[int, int], ...]) -> dict[str
             packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device, generator=generator)
             absmax = torch.rand(n, k // nf4_cuda.BLOCKSIZE, device=device, generator=generator) + 0.5
             code = torch.linspace(-1, 1, 16, device=device)
-            for backend in weights:
-                weights[backend].append(NF4Weight(packed, absmax, code, code.half(), _tile_counters(n, device),
+            for backend in weights:  # (the "cuda" layout's scales are fp16)
+                scales = absmax.half() if backend == "cuda" else absmax
+                weights[backend].append(NF4Weight(packed, scales, code, code.half(), _tile_counters(n, device),
                                                   nf4_cuda.BLOCKSIZE, backend))
         xs = {k: torch.randn(rows, k, dtype=torch.float16, device=device, generator=generator) for _, k in shapes}
         times = {}

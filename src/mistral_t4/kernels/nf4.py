@@ -8,7 +8,9 @@ block of 64 consecutive weights of a row (the block's absolute maximum, "absmax"
 
 That is 4 + 32/64 = 4.5 bits per weight instead of 16. Double quantization (bitsandbytes'
 `compress_statistics`) stores absmax itself in 8 bits; we decode it once, at load, back
-to fp32: it saves only 3% of the bytes and would cost a second table lookup per block.
+to fp32 (fp16 for the "cuda" kernels, whose stream of bytes is their limit at a few rows:
+`nf4_cuda.to_fragments`): 8 bits would save 3% more of the bytes but cost a second table
+lookup per block.
 
 Decode is bandwidth-bound: at batch 32 each weight is read once per step and used for 32
 multiply-adds, far below what the tensor cores could do with it. So the fast kernel must
@@ -19,7 +21,7 @@ instead, and there dequantizing to fp16 once and calling cuBLAS is the better de
 Layout: bitsandbytes' own indexing (the "triton" backend reorders the bytes, see below).
     packed: (out_features, in_features // 2) uint8. Byte j of row n holds W[n, 2j] in its
             high nibble and W[n, 2j + 1] in its low nibble.
-    absmax: (out_features, in_features // blocksize) fp32.
+    absmax: (out_features, in_features // blocksize) fp32 ("cuda": fp16, rounded once at load).
 A block never straddles two rows because in_features is a multiple of the blocksize
 (true for every Mistral projection), so concatenating weights along out_features (fused
 q/k/v, fused gate/up) is concatenating rows.
@@ -30,7 +32,7 @@ nibbles and the next in the low ones, so a kernel tile needs one scale per row p
 and plain contiguous slices of x (bitsandbytes' even/odd pairing costs a split of every
 tile). For "cuda" a copy in the "fragment" order of `nf4_cuda.to_fragments` (16-row
 groups whose bytes are the tensor-core registers of each lane; scales in group order).
-`dequantize` and `concat` give the same results for every backend.
+`dequantize` and `concat` give the same results for every backend ("cuda": those of its fp16 scales).
 
 Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.backend`):
     "triton"    sm80+: `nf4_triton.nf4_matmul` (dequantize in registers + tensor cores) for
@@ -72,7 +74,7 @@ class NF4Weight:
     """A (out_features, in_features) weight in NF4, ready for `nf4_linear`."""
 
     packed: torch.Tensor  # (out_features, in_features // 2) uint8, two 4-bit indices per byte ("triton": halves order)
-    absmax: torch.Tensor  # (out_features, in_features // blocksize) fp32, one scale per block
+    absmax: torch.Tensor  # (out_features, in_features // blocksize) fp32, one scale per block ("cuda": fp16)
     code: torch.Tensor  # (16,) fp32, the NF4 table
     code_fp16: torch.Tensor  # (16,) fp16, the same table for the fp16 kernel (looked up per weight)
     tile_counters: torch.Tensor  # (cdiv(out_features, 16),) int32, zero between calls: split-K bookkeeping

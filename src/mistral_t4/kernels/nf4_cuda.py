@@ -105,12 +105,18 @@ physical k in the same order for x, which then reads its 16 values at 64b + 16c 
 contiguous (a dot product does not care about the order of its terms). (An order in which the
 4 lanes of an x row read 64 contiguous bytes per load, whole sectors instead of halves of 4,
 measured the same: an L1 load costs a wavefront per 128-byte line touched, 8 per load either
-way; bench/experiments/nf4_ranges_x_sectors_h200_2026-11-26.json.) Scales: fp32, per
-(G, b) the 8 pairs (absmax of row g, absmax of row g + 8). Both tensors keep the shapes
+way; bench/experiments/nf4_ranges_x_sectors_h200_2026-11-26.json.) Scales: fp16, per
+(G, b) the 8 pairs (absmax of row g, absmax of row g + 8), 4 bytes a lane. Both tensors keep the shapes
 (N, K/2) and (N, K/64) so that `NF4Weight` reads the sizes as for every backend; rows of
 two weights concatenate by concatenating memory (groups never straddle weights: N % 16 == 0).
+Why fp16 scales: at 1 row the kernel is bound by its stream of bytes, and fp32 scales were 1/8 of them
+(4.5 bits a weight against 4.25): a decode step at 1 row 2.209 -> 2.104 ms, at 32 rows 3.602 -> 3.560 (H100,
+bench/results/h100_2026-11-27_s15_fp16_scales/). The weights are then code * absmax with absmax rounded to
+fp16 (relative error <= 2^-11, as the fp16 W of the reference itself); the 32-row kernels (`scale_a`)
+rounded it so before, and `to_fragments` rounds it once, at load (`NF4Weight.dequantize` of a "cuda" weight
+is that of the rounded scales).
 
-`nf4_dequantize` (prefill): W (N, K) in fp16, bit-identical to the reference, for cuBLAS.
+`nf4_dequantize` (prefill): W (N, K) in fp16, bit-identical to `NF4Weight.dequantize(torch.float16)`, for cuBLAS.
 """
 
 from __future__ import annotations
@@ -193,11 +199,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {  // read once: skip
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
-__device__ __forceinline__ uint2 ld_pair(const uint2* p) {
-    uint2 r;
-    asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-    return r;
-}
+// a lane's scales of one block: (absmax of row g, of row g + 8) as an fp16 pair, row g in the low half
+__device__ __forceinline__ u32 ld_scales(const u32* p) { u32 r; asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p)); return r; }
 __device__ __forceinline__ uint4 ld_x(const uint4* p) {
     uint4 r;
     asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
@@ -233,15 +236,6 @@ __device__ __forceinline__ u16 to_half(float f) {
     return h;
 }
 
-__device__ __forceinline__ u32 to_half2(float lo, float hi) {  // (lo, hi) rounded to fp16, lo in the low half
-#if __CUDA_ARCH__ >= 800
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    return (u32)to_half(lo) | ((u32)to_half(hi) << 16);
-#endif
-}
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) { u32 r; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b)); return r; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) { u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r; }
 __device__ __forceinline__ u32 lds(u32 address) { u32 r; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(address)); return r; }
@@ -499,7 +493,7 @@ __device__ __forceinline__ void nf4_matmul_store(
 // N / 2 outputs, grid (cdiv(N / 32, tile_groups), split_k), each warp on NG / 2 outputs' gate and up groups.
 template <int NT, int NG, int D, int WARPS, bool SWIGLU, bool SCALE_A = false, int NORM = NORM_NONE>
 __device__ __forceinline__ void nf4_matmul_body(
-        const u16* __restrict__ x, const uint4* __restrict__ wq, const uint2* __restrict__ scales,
+        const u16* __restrict__ x, const uint4* __restrict__ wq, const u32* __restrict__ scales,
         const u16* __restrict__ code, u16* __restrict__ out, float* __restrict__ partial, int* __restrict__ counters,
         int M, int N, int K, int stride_xm, int stride_om, int split_k, int tile_groups, int slices = 1,
         const Nf4Norm norm = Nf4Norm{}) {
@@ -523,7 +517,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     const int g = lane >> 2, c = lane & 3;
     // the ring's first loads go out before the table is built: its stores and barrier wait under them
     const uint4* wp[NG];
-    const uint2* sp[NG];
+    const u32* sp[NG];
     #pragma unroll
     for (int q = 0; q < NG; q++) {
         // past the tile's end: recompute its last group, never stored; SWIGLU: groups q >= NO are up's, N / 32 groups on
@@ -532,14 +526,14 @@ __device__ __forceinline__ void nf4_matmul_body(
         sp[q] = scales + (size_t)G * nb * 8 + g;
     }
     uint4 wr[D][NG];
-    uint2 sr[D][NG];
+    u32 sr[D][NG];
     if (G0 < end) {
         #pragma unroll
         for (int d = 0; d < D; d++) {
             const int b = kb0 + d;
             if (b < kb1) {
                 #pragma unroll
-                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_pair(sp[q] + (size_t)b * 8); }
+                for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_scales(sp[q] + (size_t)b * 8); }
             }
         }
     }
@@ -578,11 +572,12 @@ __device__ __forceinline__ void nf4_matmul_body(
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
                         float block[NT][4];  // this block's sums, scaled once below (not SCALE_A)
-                        // absmax of rows g (.x: A registers a0, a2) and g + 8 (.y: a1, a3), in fp32
-                        const float s0 = __uint_as_float(sr[d][q].x), s1 = __uint_as_float(sr[d][q].y);
+                        // absmax of rows g (low half: A registers a0, a2) and g + 8 (high: a1, a3)
+                        const float s0 = SCALE_A ? 0.f : from_half((u16)(sr[d][q] & 0xFFFF));
+                        const float s1 = SCALE_A ? 0.f : from_half((u16)(sr[d][q] >> 16));
                         u32 scale_g = 0, scale_g8 = 0;  // SCALE_A: each as an fp16 pair
                         if constexpr (SCALE_A) {
-                            const u32 both = to_half2(s0, s1);
+                            const u32 both = sr[d][q];
                             scale_g = prmt(both, both, 0x1010);
                             scale_g8 = prmt(both, both, 0x3232);
                         }
@@ -619,7 +614,7 @@ __device__ __forceinline__ void nf4_matmul_body(
                     }
                     if (b + D < kb1) {  // refill the slot just used: no register copies
                         #pragma unroll
-                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_pair(sp[q] + (size_t)(b + D) * 8); }
+                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)(b + D) * 8); }
                     }
                 }
             }
@@ -684,14 +679,14 @@ __device__ __forceinline__ void nf4_matmul_body(
 }
 
 #define NF4_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A) \
-extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const u32* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k, int tile_groups, int slices) { \
     nf4_matmul_body<NT, NG, D, WARPS, SWIGLU, SCALE_A>(x, wq, scales, code, out, partial, counters, M, N, K, stride_xm, \
                                                        stride_om, split_k, tile_groups, slices); }
 // the same with the RMSNorm's part (NORM: NORM_RESIDUAL, the `_residual` instance, or NORM_SCALED, `_scaled`)
 #define NF4_NORM_KERNEL(NAME, NT, NG, D, WARPS, SWIGLU, SCALE_A, NORM) \
-extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const uint2* scales, \
+extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, const uint4* wq, const u32* scales, \
         const u16* code, u16* out, float* partial, int* counters, int M, int N, int K, int stride_xm, int stride_om, \
         int split_k, int tile_groups, int slices, const u16* resid, u16* resid_out, u16* xw_out, const u16* norm_w, \
         float* sq, float eps) { \
@@ -703,7 +698,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(const u16* x, c
 // W (N, K) row-major in fp16: fp32 code * absmax rounded once, as the reference. One thread per
 // 16-byte lane chunk: rows g and g + 8 of its group, 16 consecutive k each.
 extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
-        const uint4* __restrict__ wq, const float2* __restrict__ scales, const float* __restrict__ code,
+        const uint4* __restrict__ wq, const u32* __restrict__ scales, const float* __restrict__ code,
         u16* __restrict__ out, int N, int K) {
     const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (G, b, lane)
     const int nb = K >> 6;
@@ -712,7 +707,8 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(
     const long long gb = chunk >> 5;
     const int G = (int)(gb / nb), b = (int)(gb % nb);
     const uint4 w = wq[chunk];
-    const float2 s = scales[gb * 8 + g];
+    const u32 pair = scales[gb * 8 + g];
+    const float2 s = make_float2(from_half((u16)(pair & 0xFFFF)), from_half((u16)(pair >> 16)));
     __align__(16) u16 row0[16], row1[16];
     #pragma unroll
     for (int t = 0; t < 4; t++) {
@@ -776,7 +772,8 @@ def supports(out_features: int, in_features: int, blocksize: int) -> bool:
 
 
 def to_fragments(packed: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' (N, K/2) bytes + (N, K/64) fp32 scales -> the fragment layout, same shapes."""
+    """bitsandbytes' (N, K/2) bytes + (N, K/64) fp32 scales -> the fragment layout, same shapes, the scales
+    rounded to fp16."""
     n, k = packed.shape[0], packed.shape[1] * 2
     assert absmax.shape == (n, k // BLOCKSIZE) and supports(n, k, BLOCKSIZE), f"no fragment layout for {n}x{k}"
     groups, blocks = n // GROUP, k // BLOCKSIZE
@@ -784,19 +781,19 @@ def to_fragments(packed: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tens
     # (G, rh, g, b, c, t, h, e) -> (G, b, g, c, t, h, rh, e); rows 16G + 8rh + g, k 64b + 16c + 4t + 2h + e
     q = q.view(groups, 2, 8, blocks, 4, 4, 2, 2).permute(0, 3, 2, 4, 5, 6, 1, 7)
     fragments = (q[..., 0] | (q[..., 1] << 4)).contiguous().view(n, k // 2)
-    scales = absmax.view(groups, 2, 8, blocks).permute(0, 3, 2, 1).contiguous().view(n, blocks)
+    scales = absmax.view(groups, 2, 8, blocks).permute(0, 3, 2, 1).half().contiguous().view(n, blocks)
     return fragments, scales
 
 
 def from_fragments(fragments: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fragment layout -> bitsandbytes' (N, K/2) bytes and row-major (N, K/64) scales."""
+    """The fragment layout -> bitsandbytes' (N, K/2) bytes and row-major (N, K/64) fp32 scales."""
     n, k = fragments.shape[0], fragments.shape[1] * 2
     groups, blocks = n // GROUP, k // BLOCKSIZE
     f = fragments.view(groups, blocks, 8, 4, 4, 2, 2)  # (G, b, g, c, t, h, rh)
     q = torch.stack([f & 0xF, f >> 4], dim=-1)  # (..., e)
     q = q.permute(0, 6, 2, 1, 3, 4, 5, 7).reshape(n, k)  # (G, rh, g, b, c, t, h, e)
     packed = ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
-    absmax = scales.view(groups, blocks, 8, 2).permute(0, 3, 2, 1).reshape(n, blocks).contiguous()
+    absmax = scales.view(groups, blocks, 8, 2).permute(0, 3, 2, 1).reshape(n, blocks).float().contiguous()
     return packed, absmax
 
 
@@ -1136,6 +1133,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
     n = fragments.shape[0]
     assert m <= MAX_ROWS and x.dtype == torch.float16 and supports(n, k, BLOCKSIZE)
     assert fragments.is_contiguous() and scales.is_contiguous() and fragments.shape[1] * 2 == k
+    assert scales.dtype == torch.float16, "the fragment layout's scales are fp16 (`to_fragments`)"
     assert tile_counters.numel() >= n // GROUP, "one counter per tile: at most one per row group"
     outputs = n // 2 if swiglu else n
     if out is None:
@@ -1181,6 +1179,7 @@ def nf4_matmul(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, c
 def nf4_dequantize(fragments: torch.Tensor, scales: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """(N, K) fp16 row-major, equal to `NF4Weight.dequantize(torch.float16)`; `code` is the fp32 table."""
     n, k = fragments.shape[0], fragments.shape[1] * 2
+    assert scales.dtype == torch.float16, "the fragment layout's scales are fp16 (`to_fragments`)"
     out = torch.empty((n, k), dtype=torch.float16, device=fragments.device)
     chunks = (n // GROUP) * (k // BLOCKSIZE) * 32
     module(fragments.device).launch("nf4_dequantize", (-(-chunks // 256), 1), 256,
