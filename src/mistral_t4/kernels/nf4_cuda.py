@@ -90,6 +90,8 @@ Reading the next matmul's weights into L2 at the end of each matmul (`prefetch.g
 that the DRAM fetches them during the norms, rotary and attention between the two) did not pay:
 batch 1 2.61 -> 2.65 ms per token with 16 MB ahead, W32 within 1% (a CTA's prefetches delay
 its exit; bench/experiments/nf4_prefetch_h200_2026-11-27.json, the trial at commit 1b55dd4).
+Nor did each kernel asking the TMA engine to prefetch its own next K blocks into L2 before it waits
+(`cp.async.bulk.prefetch.L2`): 1-row step 2.20 -> 2.32-2.40 ms (H100, bench/results/h100_2026-11-27_s15_l2_prefetch_trial/).
 Running o, gate/up and down as phases of one persistent kernel (each CTA builds its table once and sends a phase's
 first loads before a grid barrier) did not pay either: bit-exact, but a decode step at 1 row 2.033 -> 2.077 ms and at
 16 rows 2.570 -> 2.722 (the barrier through L2 costs more than early launch's turnover; H200,
