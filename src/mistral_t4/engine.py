@@ -79,6 +79,12 @@ class Engine:
         # Prefill stays eager (its shapes vary) but takes compiled elementwise steps on GPUs, and our Triton
         # kernels for them where the decode step takes ours.
         self.prefill_ops = fused_ops(ours=model.fused_norms) if self.use_graph else EAGER_OPS
+        # after a greedy step: argmax, token and position updates in one Triton kernel wherever ours run
+        self._greedy_advance = sampling.greedy_advance_reference
+        if self.device.type == "cuda" and model.fused_norms:
+            from mistral_t4.kernels.greedy_triton import greedy_advance
+
+            self._greedy_advance = greedy_advance
 
     # ---------------------------------------------------------------- requests
 
@@ -131,14 +137,15 @@ class Engine:
         if self.use_graph and self._graph is None:
             self.warmup()
         logits = self._decode_logits()
+        # the step's outputs become the next step's inputs without leaving the device (idle slots stay at position 0)
         if all(seq.request.sampling.greedy for seq in self.active.values()):
-            next_tokens = sampling.greedy(logits)
+            self._greedy_advance(logits, self.tokens, self.positions, self.running)  # one kernel on GPUs
+            next_tokens = self.tokens
         else:
             next_tokens = sampling.sample(logits, self.temperature, self.top_k, self.top_p, self.seeds,
                                           self.positions + 1)
-        # the step's outputs become the next step's inputs without leaving the device
-        self.tokens.copy_(next_tokens)
-        self.positions.add_(self.running)  # idle slots stay at position 0
+            self.tokens.copy_(next_tokens)
+            self.positions.add_(self.running)
         self.stats["decode_steps"] += 1
         launched = self._snapshot(next_tokens)
         previous, self._in_flight = self._in_flight, launched

@@ -64,6 +64,14 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def greedy_advance_reference(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                             running: torch.Tensor) -> None:
+    """A greedy decode step's outputs become the next step's inputs, in place: tokens = `greedy(logits)`,
+    positions += running (1 where a slot runs). On GPUs one Triton kernel does both (`kernels.greedy_triton`)."""
+    tokens.copy_(greedy(logits))
+    positions.add_(running)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Per-row sampling. logits: (rows, vocab) fp32; the rest (rows,). Rows with temperature 0 are greedy.
