@@ -7,6 +7,8 @@
     norm.py       add_rms_norm (reference), add_rms_norm_fused (Triton kernel: norm_triton.py)
     prefill_triton.py  prefill's rotary on q and k and SiLU(gate) * up (references: attention.rotate, nf4.silu_mul),
                   taken with the add + RMSNorm kernel by `model.fused_ops(ours=True)` wherever the decode step takes ours
+    greedy_triton.py   after a greedy decode step: argmax, the next tokens and positions in one launch (reference:
+                  sampling.greedy_advance_reference), taken by the engine wherever the decode step takes ours
 
 Which implementation runs is decided once, at load, from the device (`select_kernels`):
     CPU                          references
