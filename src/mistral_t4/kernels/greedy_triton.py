@@ -1,4 +1,4 @@
-"""Triton kernel for `sampling.greedy_advance` (its reference: `sampling.greedy_advance_reference`).
+"""Triton kernel for a greedy step's updates, `greedy_advance` (reference: `sampling.greedy_advance_reference`).
 
 After each decode step whose rows all decode greedily, the engine turns the logits into the next step's
 inputs: tokens = argmax of each row, positions += 1 where a slot runs. In PyTorch that is three launches
