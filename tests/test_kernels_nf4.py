@@ -81,6 +81,18 @@ def test_layouts_per_backend():
     assert cuda_w.nbytes == 96 * 160 + 96 * 5 * 2  # fp16 scales
 
 
+def test_cuda_backend_keeps_scales_fp16_can_hold():
+    """A weight whose block maxima exceed fp16's range (65504) stays on Triton's layout (fp32 scales), exact as ever."""
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3)) * 1e6
+    layer = bnb.nn.Linear4bit(128, 32, bias=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    param = layer.to("cpu").weight
+    huge = NF4Weight.from_bnb(param, backend="cuda")
+    assert huge.backend == "triton" and huge.absmax.dtype == torch.float32 and huge.absmax.max() > 65504
+    assert torch.equal(huge.dequantize(), bnb_functional.dequantize_4bit(param.data, param.quant_state))
+    assert NF4Weight.from_bnb(bnb_weight(32, 128), backend="cuda").backend == "cuda"  # the usual weights stay
+
+
 def test_fragment_layout():
     """Group G, block b, lane 4g + c, word t, byte 2h + rh: row 16G + g + 8rh, k = 64b + 16c + 4t + 2h
     in the low nibble and k + 1 in the high one (the A registers of mma.sync m16n8k16); scales:

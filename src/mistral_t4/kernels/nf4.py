@@ -42,7 +42,8 @@ Backends (chosen once at load by `kernels.select_kernels`, stored in `NF4Weight.
                 lookups from shared memory straight into mma.sync registers; 1.5-1.7x the
                 Triton kernel per layer at 1-16 rows, ~1.25x at 32, 1.08x at 64),
                 `nf4_cuda.nf4_dequantize` + cuBLAS above 64 rows.
-                Weights whose shape it cannot take (rows % 16, blocksize != 64) stay "triton".
+                Weights whose shape it cannot take (rows % 16, blocksize != 64), or whose block
+                maxima fp16 cannot hold (its scales are fp16), stay "triton".
     "bnb"       sm75 (T4): bitsandbytes' fused 4-bit GEMM, `torch.ops.bitsandbytes.gemm_4bit`.
                 Triton's `tl.dot` has no tensor cores on sm75; bitsandbytes' kernel does.
     "reference" CPU, or when forced: dequantize (bitsandbytes' kernel, tested equal to the plain
@@ -204,11 +205,12 @@ class NF4Weight:
 
 def _arrange(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, backend: str):
     """bitsandbytes' (N, K/2) bytes + row-major fp32 scales -> the backend's layout (and the backend:
-    "cuda" becomes "triton" for a shape the CUDA kernel does not take)."""
+    "cuda" becomes "triton" for a shape the CUDA kernel does not take, or scales that fp16 cannot hold)."""
     if backend == "cuda":
         from . import nf4_cuda
 
-        if nf4_cuda.supports(packed.shape[0], packed.shape[1] * 2, blocksize):
+        fits = bool(absmax.max() <= torch.finfo(torch.float16).max)  # its scales are fp16 (no NaN either)
+        if fits and nf4_cuda.supports(packed.shape[0], packed.shape[1] * 2, blocksize):
             return *nf4_cuda.to_fragments(packed, absmax), backend
         backend = "triton"
     if backend == "triton":
