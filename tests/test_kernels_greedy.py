@@ -62,7 +62,7 @@ def test_interpreted_kernel_matches_reference(dtype, rows, vocab, block):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_kernel_compiles_for_gpus(capability, dtype):
     """The launch of Mistral's vocabulary (32000: BLOCK 16384, 16 warps), compiled here with no GPU for a T4 and an
-    H100: the row read in 16-byte vectors, one int64 token stored."""
+    H100: the row read in 16-byte vectors, the token and the position stored as int64."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
