@@ -34,15 +34,15 @@ def rotated_source():
     body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU"):
                            nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_rotated_body"),
+             ("constexpr bool RUN = NT < 8;", "constexpr bool RUN = false;"),  # each address from b, as measured
              ("    const int g = lane >> 2, c = lane & 3;\n",
               "    const int g = lane >> 2, c = lane & 3;\n"
               "    const int nblk = max(kb1 - kb0, 1), rot = (int)(((u32)G0 * 2654435761u >> 7) % (u32)nblk);\n"
               "    auto P = [&](int b) { int j = b - kb0 + rot; return kb0 + (j >= nblk ? j - nblk : j); };\n"),
              ("ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_scales(sp[q] + (size_t)b * 8)",
               "ld_stream(wp[q] + (size_t)P(b) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)P(b) * 8)"),
-             ("ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1])", "ld_x_block(xp[nt], P(b), xv[nt][0], xv[nt][1])"),
-             ("ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)(b + D) * 8)",
-              "ld_stream(wp[q] + (size_t)P(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)P(b + D) * 8)")]
+             ("ld_x_block(xp[nt], RUN ? 0 : b, xv[nt][0], xv[nt][1])", "ld_x_block(xp[nt], P(b), xv[nt][0], xv[nt][1])"),
+             ("const size_t at = RUN ? 0 : b + D;", "const size_t at = P(b + D);")]
     for old, new in swaps:
         assert old in body, old
         body = body.replace(old, new)
@@ -61,12 +61,15 @@ def source():
     body = nf4_cuda.SOURCE[nf4_cuda.SOURCE.index("template <int NT, int NG, int D, int WARPS, bool SWIGLU"):
                            nf4_cuda.SOURCE.index("#define NF4_KERNEL")]
     swaps = [("nf4_matmul_body", "nf4_interleaved_body"),
-             ("wp[q] = wq + (size_t)G * nb * 32 + lane;", "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),
-             ("sp[q] = scales + (size_t)G * nb * 8 + g;", "sp[q] = scales + ((size_t)(G / NG) * nb * NG + G % NG) * 8 + g;"),
+             ("constexpr bool RUN = NT < 8;", "constexpr bool RUN = false;"),  # each address from b, as measured
+             ("wp[q] = wq + ((size_t)G * nb + (RUN ? kb0 : 0)) * 32 + lane;",
+              "wp[q] = wq + ((size_t)(G / NG) * nb * NG + G % NG) * 32 + lane;"),
+             ("sp[q] = scales + ((size_t)G * nb + (RUN ? kb0 : 0)) * 8 + g;",
+              "sp[q] = scales + ((size_t)(G / NG) * nb * NG + G % NG) * 8 + g;"),
              ("ld_stream(wp[q] + (size_t)b * 32)", "ld_stream(wp[q] + (size_t)b * (NG * 32))"),
              ("ld_scales(sp[q] + (size_t)b * 8)", "ld_scales(sp[q] + (size_t)b * (NG * 8))"),
-             ("ld_stream(wp[q] + (size_t)(b + D) * 32)", "ld_stream(wp[q] + (size_t)(b + D) * (NG * 32))"),
-             ("ld_scales(sp[q] + (size_t)(b + D) * 8)", "ld_scales(sp[q] + (size_t)(b + D) * (NG * 8))")]
+             ("ld_stream(wp[q] + at * 32)", "ld_stream(wp[q] + at * (NG * 32))"),
+             ("ld_scales(sp[q] + at * 8)", "ld_scales(sp[q] + at * (NG * 8))")]
     for old, new in swaps:
         assert old in body, old
         body = body.replace(old, new)

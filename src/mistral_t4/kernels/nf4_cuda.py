@@ -70,6 +70,10 @@ the result is already a tensor-core register:
     plain 32-row kernels 12.6% slower. The `_residual` kernels load the residual and the norm weight before they
     wait for the kernel before them (`residual_loads`: both are older than it), not in the epilogue: a 1-row step
     2.238 / 2.232 -> 2.214 / 2.214 ms (H100, bench/results/h100_2026-11-27_s14_attention_early_tile/residual_ahead/).
+  * The weight, scale and x pointers run with the loads (`RUN`, all but the 64-row kernel): ptxas had been deriving
+    every address again from the group and block in each iteration (it rematerialises them under register pressure),
+    a quarter of the 32-row kernels' loop. Replayed decode step, same logits bit for bit: 32 rows 3.553 -> 3.455 ms,
+    1 row 2.094 -> 2.037 (H100, bench/results/h100_2026-11-27_s16_running_pointers/).
 `nf4_matmul_body` is a template (column tiles, groups per warp, ring depth, warps, SwiGLU, scale_a, NORM); the
 package's instances are `KERNELS` (and `norm_kernels`); bench/experiments/nf4_wide*.py instantiate others.
 Measured on an H200 (CUDA-graph replay, L2 flushed, bench/experiments/nf4_wide_*.json): per
@@ -517,6 +521,11 @@ __device__ __forceinline__ void nf4_matmul_body(
     const Nf4Tile tile = nf4_tile<NO>(SWIGLU ? N >> 1 : N, K, split_k, tile_groups, warp, slices, per_slice);
     const int first = tile.first, end = tile.end, G0 = tile.G0, nb = tile.nb, kb0 = tile.kb0, kb1 = tile.kb1;
     const int g = lane >> 2, c = lane & 3;
+    // RUN: the weight, scale and x pointers run with the loads, one add per load, where the loop would otherwise derive
+    // each address again from G and b (ptxas rematerialises them under register pressure: 756 -> 662 instructions per
+    // 2 blocks in the wide 32-row kernel, 860 -> 673 in the narrow one). Not at 64 rows (NT = 8): at 232 registers
+    // the running pointers spill there
+    constexpr bool RUN = NT < 8;
     // the ring's first loads go out before the table is built: its stores and barrier wait under them
     const uint4* wp[NG];
     const u32* sp[NG];
@@ -524,20 +533,24 @@ __device__ __forceinline__ void nf4_matmul_body(
     for (int q = 0; q < NG; q++) {
         // past the tile's end: recompute its last group, never stored; SWIGLU: groups q >= NO are up's, N / 32 groups on
         const int G = SWIGLU && q >= NO ? min(G0 + q - NO, end - 1) + (N >> 5) : min(G0 + q, end - 1);
-        wp[q] = wq + (size_t)G * nb * 32 + lane;
-        sp[q] = scales + (size_t)G * nb * 8 + g;
+        wp[q] = wq + ((size_t)G * nb + (RUN ? kb0 : 0)) * 32 + lane;
+        sp[q] = scales + ((size_t)G * nb + (RUN ? kb0 : 0)) * 8 + g;
     }
     uint4 wr[D][NG];
     u32 sr[D][NG];
     if (G0 < end) {
         #pragma unroll
         for (int d = 0; d < D; d++) {
-            const int b = kb0 + d;
-            if (b < kb1) {
+            const int b = RUN ? d : kb0 + d;  // RUN: from the pointers at kb0
+            if (kb0 + d < kb1) {
                 #pragma unroll
                 for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)b * 32); sr[d][q] = ld_scales(sp[q] + (size_t)b * 8); }
             }
         }
+    }
+    if constexpr (RUN) {  // from here at the block the ring takes next: kb0 + D, then one more per refill
+        #pragma unroll
+        for (int q = 0; q < NG; q++) { wp[q] += D * 32; sp[q] += D * 8; }
     }
     constexpr bool residual_ahead = !SWIGLU && NORM == NORM_RESIDUAL;  // its epilogue's inputs, before the wait
     ResidualIn<NO, NT> ahead;
@@ -562,7 +575,7 @@ __device__ __forceinline__ void nf4_matmul_body(
     if (G0 < end) {
         const uint4* xp[NT];  // lane row g of the B tile is x's row 8 nt + g; rows past M read row M - 1:
         #pragma unroll        // they only make output columns that are never stored
-        for (int nt = 0; nt < NT; nt++) xp[nt] = x_lane(x, min(nt * 8 + g, M - 1), stride_xm, c);
+        for (int nt = 0; nt < NT; nt++) xp[nt] = x_lane(x, min(nt * 8 + g, M - 1), stride_xm, c) + (RUN ? kb0 * 8 : 0);
         for (int b0 = kb0; b0 < kb1; b0 += D) {
             #pragma unroll
             for (int d = 0; d < D; d++) {
@@ -570,7 +583,10 @@ __device__ __forceinline__ void nf4_matmul_body(
                 if (b < kb1) {
                     uint4 xv[NT][2];
                     #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) ld_x_block(xp[nt], b, xv[nt][0], xv[nt][1]);
+                    for (int nt = 0; nt < NT; nt++) {
+                        ld_x_block(xp[nt], RUN ? 0 : b, xv[nt][0], xv[nt][1]);
+                        if (RUN) xp[nt] += 8;
+                    }
                     #pragma unroll
                     for (int q = 0; q < NG; q++) {
                         float block[NT][4];  // this block's sums, scaled once below (not SCALE_A)
@@ -616,7 +632,12 @@ __device__ __forceinline__ void nf4_matmul_body(
                     }
                     if (b + D < kb1) {  // refill the slot just used: no register copies
                         #pragma unroll
-                        for (int q = 0; q < NG; q++) { wr[d][q] = ld_stream(wp[q] + (size_t)(b + D) * 32); sr[d][q] = ld_scales(sp[q] + (size_t)(b + D) * 8); }
+                        for (int q = 0; q < NG; q++) {
+                            const size_t at = RUN ? 0 : b + D;
+                            wr[d][q] = ld_stream(wp[q] + at * 32);
+                            sr[d][q] = ld_scales(sp[q] + at * 8);
+                            if (RUN) { wp[q] += 32; sp[q] += 8; }
+                        }
                     }
                 }
             }
