@@ -251,6 +251,8 @@ class EngineSlotsMachine(RuleBasedStateMachine):
         assert len({id(s) for s in engine.active.values()}) == len(engine.active)  # one slot per sequence
         assert {id(s) for s in engine.active.values()} == self.live
         assert engine.running.tolist() == [int(slot in engine.active) for slot in range(MAX_BATCH)]
+        free = [slot for slot in range(MAX_BATCH) if slot not in engine.active]  # released slots are cleared
+        assert all(engine.positions[slot] == 0 and engine.adapter_ids[slot] == -1 for slot in free)
 
     def teardown(self):
         # every sequence ends within max_new_tokens + 1 (pipelined) steps: then all slots are free
